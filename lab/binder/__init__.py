@@ -1,0 +1,1 @@
+"""Deploying WorkBinder (or the stand-in) on an engine."""

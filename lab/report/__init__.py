@@ -1,0 +1,1 @@
+"""Results of a run, the HTML report and the regression gate."""

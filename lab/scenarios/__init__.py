@@ -1,0 +1,1 @@
+"""Scenario suites: what to deploy, what to measure, how often, with which deadlines."""
