@@ -86,3 +86,22 @@ class QueryFailed(LabError):
 
 class StandinConfigError(LabError):
     """A properties file given to the stand-in binder or worker cannot be used."""
+
+
+class NodeUnreachable(LabError):
+    """A VM node did not answer over SSH, or answered with the wrong host key."""
+
+
+class RemoteCommandFailed(CommandFailed):
+    """A command run on a VM node over SSH exited with an error; its output is kept."""
+
+    def __init__(
+        self, node: str, argv: list[str], returncode: int, output: str, hint: str = ""
+    ) -> None:
+        self.node = node
+        super().__init__(argv, returncode, output, hint)
+        self.args = (f"on node {node}: {self.args[0]}",)
+
+
+class NodeCheckFailed(LabError):
+    """A node is not in the state Kubernetes needs (kubelet, API port, swap); fixes named."""

@@ -45,7 +45,8 @@ def pod_manifest(
     (without one, a pod off the host network gets no API token). `ports` names the
     container's ports, so a Service can point at them.
     """
-    volumes, volume_mounts = [], []
+    volumes: list[dict[str, Any]] = []
+    volume_mounts: list[dict[str, Any]] = []
     for index, (host_path, pod_path) in enumerate(sorted((mounts or {}).items())):
         volumes.append({"name": f"v{index}", "hostPath": {"path": host_path}})
         volume_mounts.append({"name": f"v{index}", "mountPath": pod_path})

@@ -21,6 +21,7 @@ from lab.engines.base import Engine
 from lab.errors import LabError
 from lab.manifest import pod_manifest
 from lab.ports import free_port
+from lab.protocol.client import query_sync
 from lab.scenarios.schema import Scenario
 from lab.waits import wait_for
 
@@ -248,10 +249,11 @@ class BinderDeployment:
                     f"{self.log_tail()}"
                 )
             try:
-                with socket.create_connection(("127.0.0.1", self.endpoint.port), timeout=1):
-                    return True, "listening"
-            except OSError as exc:
-                return False, f"binder pod {phase}, port {self.endpoint.port}: {exc.strerror}"
+                # A CE query, not a bare connect: WorkBinder logs a stack trace for those.
+                query_sync("127.0.0.1", self.endpoint.port, deadline=1.0)
+                return True, "answering"
+            except LabError as exc:
+                return False, f"binder pod {phase}, port {self.endpoint.port}: {exc}"
 
         wait_for(f"the binder to listen on port {self.endpoint.port}", listening,
                  timeout=timeout, interval=0.05)

@@ -74,28 +74,57 @@ def apply_podman(target: dict[str, Any], manifest: dict[str, Any]) -> str:
     return text
 
 
+SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def kubernetes_address(target: dict[str, Any]) -> tuple[str, int]:
+    """The API server: the target's `api` ("host:port"), else the in-cluster Service."""
+    if target.get("api"):
+        host, _, port = str(target["api"]).rpartition(":")
+        return host.strip("[]"), int(port)
+    host = os.environ["KUBERNETES_SERVICE_HOST"]
+    return host.strip("[]"), int(os.environ.get("KUBERNETES_SERVICE_PORT", "443"))
+
+
 def apply_kubernetes(target: dict[str, Any], manifest: dict[str, Any]) -> str:
-    """Create the pod through the Kubernetes API with the pod's service account."""
+    """Create the pod through the Kubernetes API with the pod's service account.
+
+    The target names the namespace (else the account's own); `account_dir` and `api`
+    let a test stand in for the cluster's mounted account and its API server.
+    """
     import ssl
 
-    account = "/var/run/secrets/kubernetes.io/serviceaccount"
+    account = str(target.get("account_dir") or SERVICE_ACCOUNT)
+    # Read for every job: the kubelet rotates the projected token.
     with open(f"{account}/token") as token_file:
         token = token_file.read().strip()
+    namespace = target.get("namespace")
+    if not namespace:
+        with open(f"{account}/namespace") as namespace_file:
+            namespace = namespace_file.read().strip()
+    manifest = {**manifest, "metadata": {**manifest["metadata"], "namespace": namespace}}
     context = ssl.create_default_context(cafile=f"{account}/ca.crt")
-    host = os.environ["KUBERNETES_SERVICE_HOST"]
-    port = int(os.environ.get("KUBERNETES_SERVICE_PORT", "443"))
+    host, port = kubernetes_address(target)
     conn = http.client.HTTPSConnection(
         host, port, context=context, timeout=float(target.get("timeout", 60))
     )
-    namespace = target["namespace"]
-    conn.request(
-        "POST", f"/api/v1/namespaces/{namespace}/pods", body=json.dumps(manifest),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
-    )
-    response = conn.getresponse()
-    text = response.read().decode(errors="replace")
+    try:
+        conn.request(
+            "POST",
+            f"/api/v1/namespaces/{namespace}/pods?fieldManager=lab-submit-hook",
+            body=json.dumps(manifest),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        )
+        response = conn.getresponse()
+        text = response.read().decode(errors="replace")
+    finally:
+        conn.close()
     if response.status >= 300:
-        raise RuntimeError(f"Kubernetes API answered {response.status}: {text[:300]}")
+        try:
+            message = str(json.loads(text).get("message", text))
+        except ValueError:
+            message = text
+        raise RuntimeError(f"Kubernetes API answered {response.status}: {message[:300]}")
     return text
 
 

@@ -263,6 +263,7 @@ class PodmanEngine:
         os.kill(pid, signal.SIGKILL)
 
     def delete(self, pod: str) -> None:
+        run(["podman", "pod", "kill", pod], env=self.env, check=False)
         run(["podman", "pod", "rm", "-f", "-t", "0", pod], env=self.env, check=False)
 
     def logs(self, pod: str) -> str:
@@ -360,6 +361,8 @@ def remove_run(env: dict[str, str], run_id: str) -> None:
     label = f"label={RUN_LABEL}={run_id}"
     pods = run(["podman", "pod", "ps", "-q", "--filter", label], env=env, check=False)
     if pods.stdout.split():
+        # Killing first is much faster than `pod rm -f -t 0` alone (seconds per pod).
+        run(["podman", "pod", "kill", *pods.stdout.split()], env=env, check=False, timeout=300)
         run(["podman", "pod", "rm", "-f", "-t", "0", *pods.stdout.split()], env=env,
             check=False, timeout=300)
     ctrs = run(["podman", "ps", "-aq", "--filter", label], env=env, check=False)

@@ -1,0 +1,195 @@
+"""One lab: an engine brought up for a run, with the binder deployed on it.
+
+A Lab is a context manager: whatever happens inside (an error, Ctrl-C, SIGTERM), leaving
+it tears the run down, unless it was asked to keep the lab up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+
+from lab.binder.deploy import BinderDeployment
+from lab.engines import make_engine
+from lab.engines.base import Engine
+from lab.errors import LabError
+from lab.protocol.client import query_sync
+from lab.run import new_run_id
+from lab.scenarios.schema import Scenario
+from lab.waits import wait_for
+
+log = logging.getLogger(__name__)
+
+LAB_FILE = "lab.json"
+
+
+@dataclass
+class LabTimes:
+    """How long bring-up took, step by step, in seconds."""
+
+    engine_up: float = 0.0
+    binder_prepared: float = 0.0
+    binder_listening: float = 0.0
+    pool_full: float = 0.0
+
+
+class Lab:
+    """An engine and a binder for one run."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        *,
+        binder_home: Path | None = None,
+        engine: str | None = None,
+        runs_root: Path = Path(".lab/runs"),
+        run_id: str | None = None,
+        keep: bool = False,
+    ) -> None:
+        self.scenario = scenario
+        self.run_id = run_id or new_run_id()
+        self.run_dir = (runs_root / self.run_id).resolve()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.keep = keep
+        self.engine: Engine = make_engine(engine or scenario.engine, self.run_id, self.run_dir)
+        self.binder = BinderDeployment(self.engine, scenario, binder_home)
+        self.times = LabTimes()
+        self.started_mono = time.monotonic()
+        self._is_up = False
+
+    # -- bring-up --------------------------------------------------------------------
+
+    def up(self, wait_pool: bool = True) -> Lab:
+        """Engine up, binder prepared and started, and (by default) its pool full."""
+        started = time.monotonic()
+        log.info("run %s: bringing up the %s engine", self.run_id, self.engine.name)
+        self._is_up = True
+        self.engine.up()
+        self.times.engine_up = time.monotonic() - started
+        self.binder.prepare()
+        self.times.binder_prepared = time.monotonic() - started
+        self._save()
+        binder_started = self.binder.start(self.scenario.deadlines.bring_up_s)
+        self.times.binder_listening = time.monotonic() - binder_started
+        if wait_pool:
+            self.wait_pool_full(self.scenario.deadlines.pool_full_s)
+            self.times.pool_full = time.monotonic() - binder_started
+            log.info(
+                "run %s: pool of %d READY workers after %.1f s",
+                self.run_id, self.scenario.binder.pool.min_pool_size, self.times.pool_full,
+            )
+        return self
+
+    def ready_count(self) -> int:
+        """READY jobs as the binder reports them to a CE query (dead ones included)."""
+        return query_sync("127.0.0.1", self.binder.endpoint.port, deadline=2.0).total_ready
+
+    def wait_pool_full(self, timeout: float, size: int | None = None) -> float:
+        """Wait until the binder reports at least `size` READY jobs; return when it did."""
+        wanted = size if size is not None else self.scenario.binder.pool.min_pool_size
+
+        def full() -> tuple[bool, str]:
+            try:
+                ready = self.ready_count()
+            except LabError as exc:
+                return False, f"query failed: {exc}"
+            pods = len(self.binder.worker_pods())
+            return ready >= wanted, f"{ready} READY of {wanted}, {pods} worker pods"
+
+        wait_for(f"a pool of {wanted} READY workers", full, timeout=timeout, interval=0.05)
+        return time.monotonic()
+
+    @classmethod
+    def attach(cls, scenario: Scenario, run_dir: Path, binder_home: Path | None) -> Lab:
+        """A handle on a lab another process brought up (a pytest-xdist sibling)."""
+        info = json.loads((run_dir / LAB_FILE).read_text())
+        lab = cls(scenario, binder_home=binder_home, engine=info["engine"],
+                  runs_root=run_dir.parent, run_id=info["run_id"])
+        lab.binder.endpoint.port = int(info["port"])
+        lab.binder.endpoint.admin_port = int(info["admin_port"])
+        lab.binder.image = str(info["image"])
+        lab._is_up = False  # Its owner tears it down, not this handle.
+        return lab
+
+    def _save(self) -> None:
+        info = {
+            "run_id": self.run_id,
+            "engine": self.engine.name,
+            "binder": self.binder.kind,
+            "port": self.binder.endpoint.port,
+            "admin_port": self.binder.endpoint.admin_port,
+            "image": self.binder.image,
+            "scenario": self.scenario.name,
+        }
+        (self.run_dir / LAB_FILE).write_text(json.dumps(info, indent=2))
+
+    # -- teardown --------------------------------------------------------------------
+
+    def down(self) -> None:
+        """Remove everything of the run. Ctrl-C cannot cut this short."""
+        if not self._is_up:
+            return
+        with _signals_deferred():
+            log.info("run %s: tearing down", self.run_id)
+            try:
+                self.binder.shutdown(timeout=3.0)
+            except LabError as exc:
+                log.debug("binder shutdown: %s", exc)
+            self.engine.down()
+            self._is_up = False
+
+    def detach(self) -> None:
+        """Leave the lab running after this process exits (`lab up`)."""
+        self.engine.detach()
+        self._is_up = False
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.keep and kind is None:
+            log.info("run %s: kept up (lab down %s removes it)", self.run_id, self.run_id)
+            self.detach()
+            return
+        self.down()
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done, then act on them."""
+    received: list[int] = []
+
+    def remember(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+
+    try:
+        old = {sig: signal.signal(sig, remember) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # Not the main thread: signals cannot be handled here anyway.
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if received:
+            raise KeyboardInterrupt
+
+
+def terminate_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so context managers tear the lab down."""
+
+    def interrupt(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
