@@ -21,6 +21,7 @@ from lab.lab import LAB_FILE, Lab, terminate_on_sigterm
 from lab.proc import require_tool
 from lab.protocol.client import query_sync
 from lab.run import all_records
+from lab.scenarios.runner import print_summary, run_suite
 from lab.scenarios.schema import Scenario, load_scenario
 
 console = Console(stderr=True)
@@ -111,6 +112,38 @@ def up(scenario: Path | None, engine: str | None, binder_home: Path | None,
     )
     show_status([lab.run_id])
 
+
+
+@main.command(name="run")
+@click.argument("scenario", type=click.Path(path_type=Path), required=False)
+@engine_option
+@binder_option
+@runs_option
+@click.option("--reports", "reports_root", type=click.Path(path_type=Path),
+              default=Path("reports"), show_default=True,
+              help="Folder under which each run writes <run id>/results.json.")
+@click.option("--keep", is_flag=True, help="Leave the lab up afterwards (`lab down` removes it).")
+def run_command(scenario: Path | None, engine: str | None, binder_home: Path | None,
+                runs_root: Path, reports_root: Path, keep: bool) -> None:
+    """Run a scenario suite on a fresh lab and print its measurements.
+
+    SCENARIO is a scenario file (default: scenarios/smoke.yaml). Results go to
+    reports/<run id>/results.json, with the binder's, hook's and workers' logs beside it.
+    """
+    loaded, source, digest = _scenario(scenario)
+    terminate_on_sigterm()
+    home = binder_home_from(str(binder_home) if binder_home else None)
+    if home is not None:
+        check_tree(home)
+    console.print(f"running suite [bold]{loaded.name}[/] ({source}) with the "
+                  f"{'real' if home else 'stand-in'} binder", highlight=False)
+    results, path = run_suite(
+        loaded, scenario_file=source, scenario_hash=digest, binder_home=home, engine=engine,
+        runs_root=runs_root, reports_root=reports_root, keep=keep,
+    )
+    print_summary(results, path, Console())
+    if not results.meta.valid:
+        raise LabError(f"the run is invalid: {'; '.join(results.meta.invalid_reasons)}")
 
 @main.command()
 @click.argument("run_ids", nargs=-1)

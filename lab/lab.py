@@ -142,7 +142,11 @@ class Lab:
                 self.binder.shutdown(timeout=3.0)
             except LabError as exc:
                 log.debug("binder shutdown: %s", exc)
-            self.engine.down()
+            try:
+                self.engine.down()
+            except LabError as exc:
+                # Teardown must not hide the error that caused it; `lab clean` finishes it.
+                log.warning("run %s: teardown incomplete (%s); run `lab clean`", self.run_id, exc)
             self._is_up = False
 
     def detach(self) -> None:

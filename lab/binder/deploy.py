@@ -37,7 +37,7 @@ STANDIN_WORKER = ["python3", "-m", "lab.standin.worker", f"{TREE}/WorkerDispatch
                   "{ce}", "{routing}", "{job}", "{logfile}"]
 SHUTDOWN = "SHUTDOWN"
 # The stand-in's modules that go into its image: the standard library is all they use.
-STANDIN_MODULES = ("__init__.py", "protocol", "standin")
+STANDIN_MODULES = ("__init__.py", "errors.py", "protocol", "standin")
 
 
 @dataclass
@@ -134,6 +134,8 @@ class BinderDeployment:
         unknown = [k for k in overrides if k not in binder and not props.known_key(k)]
         if unknown:
             props.check_override_keys({k: "" for k in unknown})
+        # WorkBinder's code default; the stand-in has no shipped file to take it from.
+        binder.setdefault("DefaultApplicationList", "ANY")
         binder.update(overrides)
         binder.update({
             "ListeningPort": str(self.endpoint.port),
@@ -230,6 +232,12 @@ class BinderDeployment:
 
     def start(self, timeout: float) -> float:
         """Start the binder's pod and wait until it listens; return the start's mono time."""
+        self.start_pod()
+        self.wait_listening(timeout)
+        return self.started_mono
+
+    def start_pod(self) -> float:
+        """Start the binder's pod without waiting for it; return when it was started."""
         self.started_mono = time.monotonic()
         self.starts += 1
         marker = f"=== lab: binder start {self.starts} at {time.time():.3f} ===\n"
@@ -237,7 +245,6 @@ class BinderDeployment:
             binder_log.write(marker)
         log.info("starting the %s binder on port %d", self.kind, self.endpoint.port)
         self.engine.apply(self.binder_manifest())
-        self.wait_listening(timeout)
         return self.started_mono
 
     def wait_listening(self, timeout: float) -> None:

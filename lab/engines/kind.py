@@ -160,12 +160,13 @@ class KindEngine:
         self.kind = ""
         self.kubectl = ""
         self.host_port = self.options.host_port
-        self.created = False  # this run made the cluster, so this run deletes it
+        # This run made the cluster, so this run deletes it; a mark in the run folder
+        # tells a later process (`lab down`) the same.
+        self.created = (self.work / "created").exists()
         self.record: RunRecord | None = None
         self._api: KubeApi | None = None
         self._watcher: PodWatcher | None = None
         self._docker: docker.DockerClient | None = self.options.docker_client
-        self._is_up = False
 
     # -- bring-up ----------------------------------------------------------------------
 
@@ -201,7 +202,6 @@ class KindEngine:
             self.collect_failure(f"bring-up failed: {exc}")
             self.down()
             raise
-        self._is_up = True
 
     def _clusters(self) -> list[str]:
         done = run([self.kind, "get", "clusters"], timeout=60)
@@ -238,6 +238,7 @@ class KindEngine:
             self.node_image.split("@")[0],
         )
         self.created = True
+        (self.work / "created").write_text(self.cluster + "\n")
         run(
             [
                 self.kind,
@@ -516,8 +517,11 @@ class KindEngine:
                 f"binder pod {manifest['metadata']['name']} names no container port: build it "
                 "with ports={'binder': <its ListeningPort>}"
             )
+        # Its submit hook creates the workers' pods with this account's token.
+        spec = {k: v for k, v in manifest["spec"].items() if k != "automountServiceAccountToken"}
+        spec["serviceAccountName"] = objects.BINDER_ACCOUNT
         log.info("deploying the binder as Deployment and Service %s", objects.BINDER)
-        self.api.apply(objects.deployment(manifest))
+        self.api.apply(objects.deployment({**manifest, "spec": spec}))
         self.api.apply(objects.service(self.run_id, int(ports[0]["containerPort"])))
 
     def pods(self, selector: dict[str, str] | None = None) -> list[PodInfo]:
@@ -726,9 +730,9 @@ class KindEngine:
         if self._api is not None:
             self._api.close()
             self._api = None
-        self._is_up = False
-        if not self.kind or not self.kubeconfig.exists():
+        if not self.kubeconfig.exists() and not self.created:
             return
+        self.kind = self.kind or find_kind()
         if self.options.keep:
             keep_marker(self.cluster).write_text(self.run_id + "\n")
             log.info(
@@ -741,8 +745,11 @@ class KindEngine:
             log.info("deleting kind cluster %s", self.cluster)
             run([self.kind, "delete", "cluster", "--name", self.cluster], timeout=300)
             keep_marker(self.cluster).unlink(missing_ok=True)
+            (self.work / "created").unlink(missing_ok=True)
+            self.created = False
         else:
             log.info("removing namespace %s from kind cluster %s", self.namespace, self.cluster)
+            self.kubectl = self.kubectl or require_tool("kubectl", KUBECTL_HINT)
             self._kubectl(
                 "delete",
                 "namespace",
@@ -751,7 +758,7 @@ class KindEngine:
                 "--wait=false",
                 timeout=120,
             )
-        self.kubeconfig.unlink()
+        self.kubeconfig.unlink(missing_ok=True)
         record = self.record or RunRecord.load(self.run_id)
         if record is not None:
             record.forget()

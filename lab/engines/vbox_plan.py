@@ -498,8 +498,26 @@ def render_plan(plan: Plan, keys: Mapping[str, NodeKeys]) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _Dumper(yaml.SafeDumper):
+    """YAML a person reads: text blocks as `|` literals, argument lists on one line."""
+
+
+def _text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+def _list(dumper: yaml.SafeDumper, value: list[Any]) -> yaml.SequenceNode:
+    flat = all(isinstance(item, str) and "\n" not in item for item in value)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=flat)
+
+
+_Dumper.add_representer(str, _text)
+_Dumper.add_representer(list, _list)
+
+
 def _yaml(document: object) -> str:
-    return yaml.safe_dump(document, sort_keys=False, default_flow_style=False, width=1000)
+    return yaml.dump(document, Dumper=_Dumper, sort_keys=False, width=1000)
 
 
 def _colons(mac: str) -> str:

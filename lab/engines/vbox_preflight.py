@@ -118,6 +118,15 @@ def parse_version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in match.groups() if part is not None)
 
 
+def _inside(inner: str, outer: str) -> bool:
+    a, b = ipaddress.ip_network(inner), ipaddress.ip_network(outer)
+    if isinstance(a, ipaddress.IPv4Network) and isinstance(b, ipaddress.IPv4Network):
+        return a.subnet_of(b)
+    if isinstance(a, ipaddress.IPv6Network) and isinstance(b, ipaddress.IPv6Network):
+        return a.subnet_of(b)
+    return False
+
+
 def _overlaps(network: str, others: Iterable[HostNetwork]) -> list[HostNetwork]:
     net = ipaddress.ip_network(network)
     return [o for o in others if net.overlaps(ipaddress.ip_network(o.network))]
@@ -161,9 +170,7 @@ def preflight_problems(facts: HostFacts, options: VboxOptions, nodes: int) -> li
             "the CPU shows no hardware virtualisation (vmx or svm in /proc/cpuinfo): enable "
             "VT-x/AMD-V in the firmware, or nested virtualisation if this host is itself a VM"
         )
-    network = ipaddress.ip_network(options.network)
-    allowed = [ipaddress.ip_network(r) for r in facts.allowed_ranges]
-    if not any(network.subnet_of(r) for r in allowed if r.version == network.version):
+    if not any(_inside(options.network, r) for r in facts.allowed_ranges):
         problems.append(
             f"host-only network {options.network} is outside VirtualBox's allowed ranges "
             f"({', '.join(facts.allowed_ranges)}): pick a network inside them, or add "

@@ -290,7 +290,7 @@ def _sftp_makedirs(sftp: paramiko.SFTPClient, folder: str) -> None:
 # -- node checks with testinfra --------------------------------------------------------
 
 
-class _ShellBackend(ParamikoBackend):
+class _ShellBackend(ParamikoBackend):  # type: ignore[misc]  # testinfra has no types
     """testinfra's paramiko backend over the lab's own, host-key-checked connection."""
 
     def __init__(self, shell: NodeShell) -> None:
@@ -338,7 +338,9 @@ def check_node(host: testinfra.host.Host, *, control_plane: bool, api_port: int)
         ),
     ]
     if control_plane:
-        listening = bool(host.socket(f"tcp://{api_port}").is_listening)
+        # On any address: the API server binds all of them, or only its advertised one.
+        specs = [str(s) for s in host.socket.get_listening_sockets()]
+        listening = any(s.startswith("tcp://") and s.endswith(f":{api_port}") for s in specs)
         checks.append(
             NodeCheck(
                 f"the API server listens on {api_port}",

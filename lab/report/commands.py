@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -119,7 +120,27 @@ def baseline(runs: tuple[str, ...], output: Path) -> None:
     out.print(f"wrote {output}")
 
 
-@click.command()
+class GateUsageError(click.UsageError):
+    exit_code = EXIT_BAD_INPUT
+
+
+class GateCommand(click.Command):
+    """Usage errors exit with EXIT_BAD_INPUT: click's own 2 means an invalid run here."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            raise GateUsageError(exc.format_message(), exc.ctx) from exc
+
+
+@click.command(cls=GateCommand)
 @click.argument("run", required=False)
 @click.option(
     "--baseline",
@@ -136,7 +157,7 @@ def baseline(runs: tuple[str, ...], output: Path) -> None:
 )
 @click.pass_context
 def gate(ctx: click.Context, run: str | None, baseline_file: Path, json_file: Path | None) -> None:
-    """Judge a run against a baseline: exit 0 pass, 1 regression, 2 invalid.
+    """Judge a run against a baseline.
 
     RUN is a run folder or a run id under reports/; without it, the newest run.
     Exit status: 0 pass, 1 regression, 2 invalid run (its environment failed or it is not

@@ -1,0 +1,1 @@
+"""Observation: binder log lines, hook records and engine events made one timeline."""

@@ -1,0 +1,1 @@
+"""WorkBinder's wire protocol (`wire`) and the lab's asyncio client (`client`)."""
