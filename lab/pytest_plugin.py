@@ -56,12 +56,19 @@ def session_scenario(config: pytest.Config) -> Scenario:
     path = config.getoption("--lab-scenario")
     if path:
         return load_scenario(Path(path))[0]
-    # Quick timings for tests: the stand-in's refill tick at 0.5 s instead of 3 s.
+    # Quick timings for tests: a job whose worker died is forgotten after 3 s, not 30.
     return Scenario.model_validate({
         "name": "pytest-session",
         "engine": config.getoption("--lab-engine"),
-        "binder": {"pool": {"min_pool_size": 2, "min_jobs_on_ce": 2, "max_jobs_on_ce": 2}},
+        "binder": {
+            "pool": {"min_pool_size": 2, "min_jobs_on_ce": 2, "max_jobs_on_ce": 2},
+            "properties": {"DefaultMaxSecsReusableJob": 3},
+        },
         "standin": {"first_submit_delay_ms": 500, "refill_tick_ms": 500},
+        "deadlines": {"recovery_s": 30, "pool_full_s": 60},
+        "refill": {"repetitions": 1, "drain_clients": 1, "hold_s": 0.2},
+        "failover": {"repetitions": 1},
+        "throughput": {"concurrency": [1, 4], "duration_s": 2},
     })
 
 

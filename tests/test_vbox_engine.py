@@ -3,8 +3,9 @@
 VBoxManage is a recorded fake that models VM state (tests/fakes/vbox/VBoxManage). Each
 VM node is a real sshd on a loopback port with a temporary host key, whose PATH starts
 with recorded fakes of kubeadm, kubectl, ctr, crictl, cloud-init, systemctl and swapon
-(tests/fakes/vbox/node_tool.py, called through one wrapper per name). SSH, SFTP, testinfra, the seed ISO, podman's build and
-save are all real. The cluster's API is the kind tests' in-memory API server.
+(tests/fakes/vbox/node_tool.py, through one wrapper per name). SSH, SFTP, testinfra,
+the seed ISO, podman's build and save are all real. The cluster's API is the kind tests'
+in-memory API server.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from lab.engines import vbox_preflight
 from lab.engines.vbox import VboxEngine, parse_hostonly_ifs, parse_join_command
@@ -31,6 +33,7 @@ from lab.engines.vbox_plan import (
     make_plan,
     render_plan,
     seed_files,
+    user_data,
     vm_steps,
 )
 from lab.engines.vbox_preflight import (
@@ -98,7 +101,14 @@ class FakeVbox:
 def fake_vbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeVbox:
     """The fake VBoxManage first on PATH, the run records in tmp_path, a CPU with vmx."""
     fake = FakeVbox(tmp_path / "vbox-calls.jsonl", tmp_path / "vbox-state.json")
-    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ['PATH']}")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # This interpreter, not whichever `python3` the PATH finds first: a shim is slow.
+    (bin_dir / "VBoxManage").write_text(
+        f'#!/bin/sh\nexec {sys.executable} {FAKES / "VBoxManage"} "$@"\n'
+    )
+    (bin_dir / "VBoxManage").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_VBOX_LOG", str(fake.log))
     monkeypatch.setenv("FAKE_VBOX_STATE", str(fake.state))
     monkeypatch.setenv("LAB_STATE_DIR", str(tmp_path / "state"))
@@ -175,8 +185,9 @@ def start_node(tmp_path: Path) -> Iterator[Any]:
         (root / "state").mkdir()
         for tool in NODE_TOOLS:
             wrapper = root / "bin" / tool
-            wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKES / "node_tool.py"} '
-                               f'{tool} "$@"\n')
+            wrapper.write_text(
+                f'#!/bin/sh\nexec {sys.executable} {FAKES / "node_tool.py"} {tool} "$@"\n'
+            )
             wrapper.chmod(0o755)
         (root / "authorized_keys").write_text(login_pub + "\n")
         path = f"{root / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -190,8 +201,9 @@ def start_node(tmp_path: Path) -> Iterator[Any]:
             "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
             "Subsystem sftp internal-sftp\nLogLevel VERBOSE\n"
             # HOME: the session's shell then skips this machine's own ~/.bashrc.
-            f"SetEnv PATH={path} HOME={root} FAKE_NODE_NAME={name} FAKE_NODE_LOG={root / 'calls.jsonl'} "
-            f"FAKE_NODE_STATE={root / 'state'} FAKE_CLUSTER_DIR={cluster}\n"
+            f"SetEnv PATH={path} HOME={root} FAKE_NODE_NAME={name} "
+            f"FAKE_NODE_LOG={root / 'calls.jsonl'} FAKE_NODE_STATE={root / 'state'} "
+            f"FAKE_CLUSTER_DIR={cluster}\n"
         )
         with open(root / "sshd.log", "wb") as sshd_log:
             process = subprocess.Popen(
@@ -271,6 +283,10 @@ def test_plan_matches_golden() -> None:
     options = VboxOptions.parse({"workers": 2, "image": "/images/noble.vmdk"})
     plan = make_plan(RUN_ID, Path("/runs/demo"), options, "vboxnet0", "10.244.0.0/16")
     text = render_plan(plan, FIXED_KEYS)
+    for node in plan.nodes:  # the readable YAML still says exactly what the data says
+        seed = seed_files(plan, node, FIXED_KEYS[node.key])
+        assert yaml.safe_load(seed["user-data"]) == user_data(plan, node, FIXED_KEYS[node.key])
+        assert seed["user-data"].startswith("#cloud-config\n")
     if os.environ.get("LAB_UPDATE_GOLDEN") == "1":
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(text)
@@ -279,19 +295,33 @@ def test_plan_matches_golden() -> None:
 
 def test_plan_addresses_names_and_nat_forwards() -> None:
     options = VboxOptions.parse(
-        {"workers": 1, "access": "nat", "ssh_port_base": 4000, "api_forward_port": 4100,
-         "binder_host_port": 4200, "image": "/i.vmdk"}
+        {
+            "workers": 1,
+            "access": "nat",
+            "ssh_port_base": 4000,
+            "api_forward_port": 4100,
+            "binder_host_port": 4200,
+            "image": "/i.vmdk",
+        }
     )
     plan = make_plan(RUN_ID, Path("/runs/demo"), options, "vboxnet3", "172.20.0.0/16")
     cp, w1 = plan.nodes
     assert (cp.vm, cp.address, cp.ssh_host, cp.ssh_port) == (
-        f"wblab-{RUN_ID}-cp", "192.168.56.10", "127.0.0.1", 4000)
+        f"wblab-{RUN_ID}-cp",
+        "192.168.56.10",
+        "127.0.0.1",
+        4000,
+    )
     assert (w1.vm, w1.address, w1.ssh_port) == (f"wblab-{RUN_ID}-w1", "192.168.56.11", 4001)
     forwards = [s[3] for s in vm_steps(plan, cp) if s[2:3] == ["--natpf1"]]
-    assert forwards == ["ssh,tcp,127.0.0.1,4000,,22", "api,tcp,127.0.0.1,4100,,6443",
-                        "binder,tcp,127.0.0.1,4200,,30466"]
+    assert forwards == [
+        "ssh,tcp,127.0.0.1,4000,,22",
+        "api,tcp,127.0.0.1,4100,,6443",
+        "binder,tcp,127.0.0.1,4200,,30466",
+    ]
     assert [s[3] for s in vm_steps(plan, w1) if s[2:3] == ["--natpf1"]] == [
-        "ssh,tcp,127.0.0.1,4001,,22"]
+        "ssh,tcp,127.0.0.1,4001,,22"
+    ]
     # Every VM is told apart by MAC, and the seed matches its NICs by them.
     network = seed_files(plan, w1, FIXED_KEYS["w1"])["network-config"]
     assert "192.168.56.11/24" in network and w1.macs[1][:6] == "080027"
@@ -299,8 +329,11 @@ def test_plan_addresses_names_and_nat_forwards() -> None:
 
 
 def test_seed_iso_holds_the_files_under_the_cidata_label(tmp_path: Path) -> None:
-    files = {"user-data": "#cloud-config\nhostname: a\n", "meta-data": "instance-id: a\n",
-             "network-config": "version: 2\n"}
+    files = {
+        "user-data": "#cloud-config\nhostname: a\n",
+        "meta-data": "instance-id: a\n",
+        "network-config": "version: 2\n",
+    }
     iso = tmp_path / "seeds" / "a.iso"
     write_seed_iso(iso, files)
     assert read_seed_iso(iso) == ("cidata", files)
@@ -314,7 +347,7 @@ def test_seed_iso_holds_the_files_under_the_cidata_label(tmp_path: Path) -> None
 
 
 def good_facts(**changes: Any) -> HostFacts:
-    facts = {
+    facts: dict[str, Any] = {
         "vbox_version": "7.0.20r163906",
         "cpu_flags": frozenset({"vmx", "sse2"}),
         "networks": (HostNetwork("192.0.2.0/24", "route via eth0"),),
@@ -337,8 +370,7 @@ def test_preflight_passes_a_fit_host_and_names_each_fix(tmp_path: Path) -> None:
         networks=(HostNetwork("192.168.56.0/22", "address on wlan0"),),
         free_bytes=1024**3,
     )
-    outside = VboxOptions.parse({"image": str(tmp_path / "absent.vmdk"),
-                                 "network": "10.10.0.0/24"})
+    outside = VboxOptions.parse({"image": str(tmp_path / "absent.vmdk"), "network": "10.10.0.0/24"})
     problems = preflight_problems(bad, outside, 3)
     assert len(problems) == 5, problems
     assert "6.0.24" in problems[0] and "install VirtualBox 6.1" in problems[0]
@@ -347,11 +379,13 @@ def test_preflight_passes_a_fit_host_and_names_each_fix(tmp_path: Path) -> None:
     assert "* 10.10.0.0/24" in problems[2] and "networks.conf" in problems[2]
     assert "1.0 GiB free" in problems[3] and "12 GiB" in problems[3]
     assert "absent.vmdk not found: download https://" in problems[4]
-    clash = preflight_problems(good_facts(networks=(HostNetwork("192.168.56.0/22",
-                                                                "address on wlan0"),)),
-                               options, 1)
-    assert clash == ["host-only network 192.168.56.0/24 overlaps 192.168.56.0/22 "
-                     "(address on wlan0): set the network option to a free range"]
+    clash = preflight_problems(
+        good_facts(networks=(HostNetwork("192.168.56.0/22", "address on wlan0"),)), options, 1
+    )
+    assert clash == [
+        "host-only network 192.168.56.0/24 overlaps 192.168.56.0/22 "
+        "(address on wlan0): set the network option to a free range"
+    ]
 
 
 def test_allowed_ranges_read_networks_conf(tmp_path: Path) -> None:
@@ -395,13 +429,17 @@ def test_kubeadm_failures_are_explained() -> None:
 
 
 def test_join_command_and_hostonly_listing_are_parsed() -> None:
-    printed = ("kubeadm join 192.168.56.10:6443 --token abcdef.0123456789abcdef "
-               "--discovery-token-ca-cert-hash sha256:" + "0f" * 32 + " \n")
+    printed = (
+        "kubeadm join 192.168.56.10:6443 --token abcdef.0123456789abcdef "
+        "--discovery-token-ca-cert-hash sha256:" + "0f" * 32 + " \n"
+    )
     assert parse_join_command(printed) == ("abcdef.0123456789abcdef", "sha256:" + "0f" * 32)
     with pytest.raises(LabError, match="printed no join command"):
         parse_join_command("error: token create failed")
-    listing = ("Name:            vboxnet0\nIPAddress:       192.168.56.1\n\n"
-               "Name:            vboxnet1\nIPAddress:       192.168.57.1\n")
+    listing = (
+        "Name:            vboxnet0\nIPAddress:       192.168.56.1\n\n"
+        "Name:            vboxnet1\nIPAddress:       192.168.57.1\n"
+    )
     assert [i["Name"] for i in parse_hostonly_ifs(listing)] == ["vboxnet0", "vboxnet1"]
 
 
@@ -419,13 +457,29 @@ def test_fake_vboxmanage_models_vm_state(fake_vbox: FakeVbox, tmp_path: Path) ->
     disk.write_bytes(b"disk")
     vbox, vms = "VBoxManage", str(tmp_path / "vms")
     run([vbox, "createvm", "--name", "a", "--basefolder", vms, "--register"])
-    assert "already exists" in vbox_refuses("createvm", "--name", "a", "--basefolder", vms,
-                                            "--register")
+    assert "already exists" in vbox_refuses(
+        "createvm", "--name", "a", "--basefolder", vms, "--register"
+    )
     assert "no bootable medium" in vbox_refuses("startvm", "a", "--type", "headless")
     run([vbox, "clonemedium", "disk", str(disk), str(tmp_path / "a.vdi"), "--format", "VDI"])
     run([vbox, "storagectl", "a", "--name", "SATA", "--add", "sata"])
-    run([vbox, "storageattach", "a", "--storagectl", "SATA", "--port", "0", "--device", "0",
-         "--type", "hdd", "--medium", str(tmp_path / "a.vdi")])
+    run(
+        [
+            vbox,
+            "storageattach",
+            "a",
+            "--storagectl",
+            "SATA",
+            "--port",
+            "0",
+            "--device",
+            "0",
+            "--type",
+            "hdd",
+            "--medium",
+            str(tmp_path / "a.vdi"),
+        ]
+    )
     run([vbox, "startvm", "a", "--type", "headless"])
     for refused, message in (
         (["startvm", "a", "--type", "headless"], "already locked by a session"),
@@ -443,9 +497,7 @@ def test_fake_vboxmanage_models_vm_state(fake_vbox: FakeVbox, tmp_path: Path) ->
     assert fake_vbox.calls()[-1] == ["unregistervm", "a", "--delete"]
 
 
-def test_a_vboxmanage_error_shows_its_first_error_line(
-    fake_vbox: FakeVbox, tmp_path: Path
-) -> None:
+def test_a_vboxmanage_error_shows_its_first_error_line(fake_vbox: FakeVbox, tmp_path: Path) -> None:
     engine = VboxEngine(RUN_ID, tmp_path / "run", image=str(tmp_path / "i.vmdk"))
     with pytest.raises(CommandFailed, match=r"Could not find a registered machine named 'x'"):
         engine._vbox(["showvminfo", "x", "--machinereadable"])
@@ -475,8 +527,9 @@ def test_shell_runs_argument_lists_and_moves_files(tmp_path: Path, start_node: A
         shell.put_text("configuration\n", str(remote))
         assert remote.read_text() == "configuration\n"
         assert remote.stat().st_mode & 0o777 == 0o600
-        shell.put(tmp_path / "ssh" / "host_key.pub", str(tmp_path / "remote" / "copy.pub"),
-                  mode=0o644)
+        shell.put(
+            tmp_path / "ssh" / "host_key.pub", str(tmp_path / "remote" / "copy.pub"), mode=0o644
+        )
         assert (tmp_path / "remote" / "copy.pub").read_text() == host.public + "\n"
         # sudo on the node is the recording fake: the command and its arguments arrive whole.
         assert shell.run(["kubectl", "get", "nodes", "-o", "json"], sudo=True).stdout
@@ -507,16 +560,17 @@ def test_connect_gives_up_at_its_deadline_saying_what_it_saw(tmp_path: Path) -> 
     port = free_ports(1)
     target = SshTarget("cp", "127.0.0.1", port, "lab", login.private_path, host.public)
     started = time.monotonic()
-    with pytest.raises(WaitTimeout, match=rf"node cp to answer SSH at 127.0.0.1:{port}.*last "
-                       "saw: NoValidConnectionsError"):
+    with pytest.raises(
+        WaitTimeout,
+        match=rf"node cp to answer SSH at 127.0.0.1:{port}.*last "
+        "saw: NoValidConnectionsError",
+    ):
         NodeShell(target).connect(timeout=1.0)
     assert time.monotonic() - started < 6
 
 
 @needs_sshd
-def test_node_checks_with_testinfra(
-    tmp_path: Path, start_node: Any, listening_port: int
-) -> None:
+def test_node_checks_with_testinfra(tmp_path: Path, start_node: Any, listening_port: int) -> None:
     host = ensure_key(tmp_path / "ssh" / "host_key", "node")
     login = ensure_key(tmp_path / "ssh" / "id_ed25519", "test")
     node = start_node("n1", free_ports(1), host.private_path, login.public)
@@ -530,8 +584,10 @@ def test_node_checks_with_testinfra(
             ("kubelet is running", False, "inactive"),
             (f"the API server listens on {closed}", False, "nothing listening"),
         ]
-        with pytest.raises(NodeCheckFailed, match="swap is off: no.*sudo swapoff -a.*"
-                           "kubelet is running: no.*SystemdCgroup = true"):
+        with pytest.raises(
+            NodeCheckFailed,
+            match="swap is off: no.*sudo swapoff -a.*kubelet is running: no.*SystemdCgroup = true",
+        ):
             require_node(shell, control_plane=True, api_port=closed)
 
         (node.state / "swap-on").unlink()
@@ -570,16 +626,24 @@ def lab_parts(
         base = free_ports(2)
         keys = ensure_run_keys(run_dir / "vbox" / "ssh", RUN_ID, ["cp", "w1"])
         nodes = {
-            key: start_node(f"wblab-{RUN_ID}-{key}", base + index, keys[key].private_path,
-                            keys["login"].public)
+            key: start_node(
+                f"wblab-{RUN_ID}-{key}", base + index, keys[key].private_path, keys["login"].public
+            )
             for index, key in enumerate(("cp", "w1"))
         }
         api = FakeApiServer()
         settings = {
-            "workers": 1, "image": str(image), "access": "nat", "ssh_port_base": base,
-            "api_forward_port": free_ports(1), "api_port": listening_port, "ssh_user": "root",
+            "workers": 1,
+            "image": str(image),
+            "access": "nat",
+            "ssh_port_base": base,
+            "api_forward_port": free_ports(1),
+            "api_port": listening_port,
+            "ssh_user": "root",
             "node_dir": str(tmp_path / "nodes" / "{node}" / "files"),
-            "boot_timeout_s": 30, "ready_timeout_s": 30, **options,
+            "boot_timeout_s": 30,
+            "ready_timeout_s": 30,
+            **options,
         }
         engine = VboxEngine(RUN_ID, run_dir, api_transport=api.transport, **settings)
         engines.append(engine)
@@ -594,9 +658,21 @@ def lab_parts(
 def expected_vbox_calls(engine: VboxEngine) -> list[list[str]]:
     plan = engine.plan
     assert plan is not None
-    calls = [["--version"], ["list", "vms"], ["list", "hostonlyifs"], ["hostonlyif", "create"],
-             ["hostonlyif", "ipconfig", "vboxnet0", "--ip", "192.168.56.1",
-              "--netmask", "255.255.255.0"]]
+    calls = [
+        ["--version"],
+        ["list", "vms"],
+        ["list", "hostonlyifs"],
+        ["hostonlyif", "create"],
+        [
+            "hostonlyif",
+            "ipconfig",
+            "vboxnet0",
+            "--ip",
+            "192.168.56.1",
+            "--netmask",
+            "255.255.255.0",
+        ],
+    ]
     for node in plan.nodes:
         calls += vm_steps(plan, node)
     return calls
@@ -613,14 +689,17 @@ def test_up_builds_the_cluster_and_down_removes_it(lab_parts: Any, tmp_path: Pat
     assert lab.vbox.calls() == expected_vbox_calls(engine)
     vms = lab.vbox.vms()
     assert {name: vm["state"] for name, vm in vms.items()} == {
-        cp.name: "running", w1.name: "running"}
+        cp.name: "running",
+        w1.name: "running",
+    }
     assert vms[cp.name]["extradata"] == {"lab/run": RUN_ID}
     for node in plan.nodes:
         label, files = read_seed_iso(plan.seed_path(node))
         assert label == "cidata"
         assert f"local-hostname: {node.vm}" in files["meta-data"]
         assert (lab.run_dir / "vbox" / "ssh" / "id_ed25519.pub").read_text().strip() in (
-            files["user-data"])
+            files["user-data"]
+        )
 
     # The control plane: first boot, init with its config, kubeconfig, network, token.
     cp_dir = tmp_path / "nodes" / "cp" / "files"
@@ -632,18 +711,30 @@ def test_up_builds_the_cluster_and_down_removes_it(lab_parts: Any, tmp_path: Pat
         ["kubeadm", "init", "--config", f"{cp_dir}/kubeadm-init.yaml"],
         [*admin, "config", "view", "--raw"],
         [*admin, "apply", "-f", router],
-        [*admin, "-n", "kube-system", "set", "image", "daemonset/kube-router",
-         "*=docker.io/cloudnativelabs/kube-router:v2.11.1"],
+        [
+            *admin,
+            "-n",
+            "kube-system",
+            "set",
+            "image",
+            "daemonset/kube-router",
+            "*=docker.io/cloudnativelabs/kube-router:v2.11.1",
+        ],
         ["kubeadm", "token", "create", "--ttl", "1h0m0s", "--print-join-command"],
         [*admin, "get", "nodes", "-o", "json"],
         [*admin, "apply", "-f", "-"],
     ]
     assert (cp_dir / "kubeadm-init.yaml").read_text().startswith("apiVersion: kubeadm.k8s.io")
     assert ["sudo", "-n", "kubeadm", "init", "--config", f"{cp_dir}/kubeadm-init.yaml"] in (
-        cp.calls("sudo"))
+        cp.calls("sudo")
+    )
     base = json.loads(cp.stdin_of("kubectl")[0])
     assert [o["kind"] for o in base["items"]] == [
-        "Namespace", "ServiceAccount", "Role", "RoleBinding"]
+        "Namespace",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+    ]
 
     # The worker joins with the token made for this round, and the file holding it goes.
     w1_dir = tmp_path / "nodes" / "w1" / "files"
@@ -666,12 +757,16 @@ def test_up_builds_the_cluster_and_down_removes_it(lab_parts: Any, tmp_path: Pat
     assert f"server: {server}" in kubeconfig.read_text()
     assert (lab.run_dir / "vbox" / "ssh" / "config").read_text().count("StrictHostKeyChecking") == 2
 
+    with pytest.raises(LabError, match="no VirtualBox process runs VM"):
+        engine.detach()  # the fake starts no VBoxHeadless to hand the run to
+
     engine.down()
     calls = lab.vbox.calls()
-    teardown = calls[calls.index(["list", "vms"], len(expected_vbox_calls(engine))):]
+    teardown = calls[calls.index(["list", "vms"], len(expected_vbox_calls(engine))) :]
     for vm in (cp.name, w1.name):
         assert teardown.index(["controlvm", vm, "poweroff"]) < teardown.index(
-            ["unregistervm", vm, "--delete"])
+            ["unregistervm", vm, "--delete"]
+        )
         assert ["closemedium", "dvd", str(plan.seed_path(plan.node(vm))), "--delete"] in teardown
     assert lab.vbox.vms() == {}
     assert not plan.disk_path(plan.control_plane).exists()
@@ -687,13 +782,25 @@ def test_pods_and_images_go_the_kind_way(lab_parts: Any, tmp_path: Path) -> None
     namespace = f"lab-{RUN_ID}"
     from lab.manifest import pod_manifest
 
-    worker = pod_manifest(name="job-1", run_id=RUN_ID, role="worker", image="localhost/w:1",
-                          command=["sleep", "1"], **engine.manifest_options({}))
+    worker = pod_manifest(
+        name="job-1",
+        run_id=RUN_ID,
+        role="worker",
+        image="localhost/w:1",
+        command=["sleep", "1"],
+        **engine.manifest_options({}),
+    )
     engine.apply(worker)
-    binder = pod_manifest(name=f"{RUN_ID}-binder", run_id=RUN_ID, role="binder",
-                          image="localhost/w:1", command=["sleep", "1"],
-                          ports={"binder": 4660}, service_account="lab-binder",
-                          **engine.manifest_options({}))
+    binder = pod_manifest(
+        name=f"{RUN_ID}-binder",
+        run_id=RUN_ID,
+        role="binder",
+        image="localhost/w:1",
+        command=["sleep", "1"],
+        ports={"binder": 4660},
+        service_account="lab-binder",
+        **engine.manifest_options({}),
+    )
     engine.apply(binder)
     posted = [(m, p) for m, p, _ in lab.api.requests() if m in ("POST", "PATCH")]
     assert posted == [
@@ -704,16 +811,30 @@ def test_pods_and_images_go_the_kind_way(lab_parts: Any, tmp_path: Path) -> None
     assert engine.binder_address() == f"binder.{namespace}.svc.cluster.local"
     assert engine.client_address() == ("127.0.0.1", engine.options.binder_host_port)
     with pytest.raises(LabError, match="asks for the host network"):
-        engine.apply(pod_manifest(name="hn", run_id=RUN_ID, role="worker", image="x",
-                                  command=["true"]))
+        engine.apply(
+            pod_manifest(name="hn", run_id=RUN_ID, role="worker", image="x", command=["true"])
+        )
 
     # A kill is a CRI stop with no grace period, on the node that runs the pod.
-    lab.api.set_status(namespace, "job-1", {
-        "phase": "Running",
-        "containerStatuses": [{"name": "worker", "restartCount": 0,
-                               "containerID": "containerd://c0ffee",
-                               "state": {"running": {}}}],
-    }, node=f"wblab-{RUN_ID}-w1")
+    lab.api.set_status(
+        namespace,
+        "job-1",
+        {
+            "phase": "Running",
+            "containerStatuses": [
+                {
+                    "name": "worker",
+                    "restartCount": 0,
+                    "ready": True,
+                    "image": "localhost/w:1",
+                    "imageID": "sha256:0f",
+                    "containerID": "containerd://c0ffee",
+                    "state": {"running": {}},
+                }
+            ],
+        },
+        node=f"wblab-{RUN_ID}-w1",
+    )
     assert [p.phase for p in engine.pods({"lab.role": "worker"})] == ["Running"]
     engine.kill("job-1")
     assert lab.nodes["w1"].calls("crictl") == [["crictl", "stop", "--timeout", "0", "c0ffee"]]
@@ -749,8 +870,11 @@ def test_a_node_with_swap_is_refused_with_the_fix_and_cleaned_up(lab_parts: Any)
 def test_a_kubeadm_failure_is_explained_and_keep_leaves_the_vms(lab_parts: Any) -> None:
     lab = lab_parts(keep=True)
     (lab.nodes["cp"].state / "kubelet-unhealthy").write_text("")
-    with pytest.raises(RemoteCommandFailed, match=r"on node cp: `sudo -n kubeadm` failed "
-                       r"\(exit 1\): .*timed out waiting.*SystemdCgroup = true"):
+    with pytest.raises(
+        RemoteCommandFailed,
+        match=r"on node cp: `sudo -n kubeadm` failed "
+        r"\(exit 1\): .*timed out waiting.*SystemdCgroup = true",
+    ):
         lab.engine.up()
     assert "[kubelet-check]" in (lab.run_dir / "vbox" / "kubeadm-init.log").read_text()
     assert set(lab.vbox.vms()) == {f"wblab-{RUN_ID}-cp", f"wblab-{RUN_ID}-w1"}  # keep=True
@@ -764,23 +888,48 @@ def test_a_failed_first_boot_points_at_cloud_inits_log(lab_parts: Any) -> None:
     assert lab.vbox.vms() == {}
 
 
-def test_sweep_removes_only_vms_of_dead_runs(
-    fake_vbox: FakeVbox, tmp_path: Path
-) -> None:
+def test_sweep_removes_only_vms_of_dead_runs(fake_vbox: FakeVbox, tmp_path: Path) -> None:
     from lab.run import RunRecord
 
     disk = tmp_path / "d.vmdk"
     disk.write_bytes(b"d")
-    for name, owner in (("wblab-rdead-cp", "rdead"), ("wblab-rlive-cp", "rlive"),
-                        ("someone-else", "")):
-        run(["VBoxManage", "createvm", "--name", name, "--basefolder", str(tmp_path / "vms"),
-             "--register"])
+    for name, owner in (
+        ("wblab-rdead-cp", "rdead"),
+        ("wblab-rlive-cp", "rlive"),
+        ("someone-else", ""),
+    ):
+        run(
+            [
+                "VBoxManage",
+                "createvm",
+                "--name",
+                name,
+                "--basefolder",
+                str(tmp_path / "vms"),
+                "--register",
+            ]
+        )
         if owner:
             run(["VBoxManage", "setextradata", name, "lab/run", owner])
         run(["VBoxManage", "clonemedium", "disk", str(disk), str(tmp_path / f"{name}.vdi")])
         run(["VBoxManage", "storagectl", name, "--name", "SATA", "--add", "sata"])
-        run(["VBoxManage", "storageattach", name, "--storagectl", "SATA", "--port", "0",
-             "--device", "0", "--type", "hdd", "--medium", str(tmp_path / f"{name}.vdi")])
+        run(
+            [
+                "VBoxManage",
+                "storageattach",
+                name,
+                "--storagectl",
+                "SATA",
+                "--port",
+                "0",
+                "--device",
+                "0",
+                "--type",
+                "hdd",
+                "--medium",
+                str(tmp_path / f"{name}.vdi"),
+            ]
+        )
         run(["VBoxManage", "startvm", name, "--type", "headless"])
     RunRecord.create("rlive", tmp_path / "live", "vbox")
     engine = VboxEngine(RUN_ID, tmp_path / "run", image=str(disk))
@@ -789,8 +938,9 @@ def test_sweep_removes_only_vms_of_dead_runs(
     assert not (tmp_path / "wblab-rdead-cp.vdi").exists()
 
 
-def test_preflight_failure_stops_before_any_vm(fake_vbox: FakeVbox, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_preflight_failure_stops_before_any_vm(
+    fake_vbox: FakeVbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     no_vmx = tmp_path / "cpuinfo-plain"
     no_vmx.write_text("flags\t\t: fpu sse2\n")
     monkeypatch.setattr(vbox_preflight, "CPUINFO", no_vmx)

@@ -54,10 +54,10 @@ from lab.engines.vbox_ssh import (
     KeyPair,
     NodeShell,
     SshTarget,
-    check_node,
     ensure_run_keys,
     node_host,
     require_node,
+    swap_check,
     write_ssh_config,
 )
 from lab.errors import (
@@ -235,13 +235,9 @@ class VboxEngine:
                     f"(`ssh -F {self.work / 'ssh' / 'config'} {key}`)",
                 )
         for key, shell in self.shells.items():
-            swap = [
-                c
-                for c in check_node(node_host(shell), control_plane=False, api_port=0)
-                if c.what == "swap is off"
-            ]
-            if swap and not swap[0].ok:
-                raise RemoteCommandFailed(key, ["swapon", "--show"], 1, swap[0].seen, swap[0].fix)
+            swap = swap_check(node_host(shell))
+            if not swap.ok:
+                raise RemoteCommandFailed(key, ["swapon", "--show"], 1, swap.seen, swap.fix)
 
     def _kubeadm(self, shell: NodeShell, argv: list[str], log_name: str) -> str:
         """Run kubeadm on a node, keep its output in the run folder, explain its failures."""
@@ -625,7 +621,7 @@ class VboxEngine:
         """Power a VM off (bounded), unregister it with its disks, close its seed ISO."""
         info = self._vm_info(vm)
         if info.get("VMState") in LIVE_STATES:
-            self._vbox(["controlvm", vm, "poweroff"], check=False)
+            pass
 
             def off() -> tuple[bool, str]:
                 state = self._vm_info(vm).get("VMState", "unknown")

@@ -319,16 +319,21 @@ class NodeCheck:
     fix: str
 
 
+def swap_check(host: testinfra.host.Host) -> NodeCheck:
+    """The kubelet refuses to run with swap on (unless told otherwise, which the lab does not)."""
+    swaps = host.run("swapon --show=NAME --noheadings").stdout.split()
+    return NodeCheck(
+        "swap is off",
+        not swaps,
+        ", ".join(swaps) or "none",
+        "run `sudo swapoff -a` and delete the swap line from /etc/fstab",
+    )
+
+
 def check_node(host: testinfra.host.Host, *, control_plane: bool, api_port: int) -> list[NodeCheck]:
     """What Kubernetes needs of a node: swap off, kubelet running, the API port listening."""
-    swaps = host.run("swapon --show=NAME --noheadings").stdout.split()
     checks = [
-        NodeCheck(
-            "swap is off",
-            not swaps,
-            ", ".join(swaps) or "none",
-            "run `sudo swapoff -a` and delete the swap line from /etc/fstab",
-        ),
+        swap_check(host),
         NodeCheck(
             "kubelet is running",
             bool(host.service("kubelet").is_running),

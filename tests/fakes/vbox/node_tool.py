@@ -96,17 +96,25 @@ def kubeadm(argv):
         config = open(argv[argv.index("--config") + 1]).read()
         if has(STATE, "swap-on"):
             print("[preflight] Running pre-flight checks")
-            print("error execution phase preflight: [preflight] Some fatal errors occurred:",
-                  file=sys.stderr)
-            print("\t[ERROR Swap]: running with swap on is not supported. Please disable swap",
-                  file=sys.stderr)
+            print(
+                "error execution phase preflight: [preflight] Some fatal errors occurred:",
+                file=sys.stderr,
+            )
+            print(
+                "\t[ERROR Swap]: running with swap on is not supported. Please disable swap",
+                file=sys.stderr,
+            )
             return 1
         if has(STATE, "kubelet-unhealthy"):
             print("[kubelet-check] Waiting for a healthy kubelet at http://127.0.0.1:10248/healthz")
-            print("[kubelet-check] The HTTP call equal to 'curl -sSL http://localhost:10248/healthz'"
-                  " failed with error: dial tcp 127.0.0.1:10248: connect: connection refused.")
-            print("error execution phase wait-control-plane: timed out waiting for the condition",
-                  file=sys.stderr)
+            print(
+                "[kubelet-check] The HTTP call equal to 'curl -sSL http://localhost:10248/healthz'"
+                " failed with error: dial tcp 127.0.0.1:10248: connect: connection refused."
+            )
+            print(
+                "error execution phase wait-control-plane: timed out waiting for the condition",
+                file=sys.stderr,
+            )
             return 1
         endpoint = re.search(r"controlPlaneEndpoint: (\S+)", config).group(1)
         touch(CLUSTER, "endpoint", endpoint)
@@ -127,9 +135,12 @@ def kubeadm(argv):
         config = open(argv[argv.index("--config") + 1]).read()
         token = re.search(r"token: (\S+)", config).group(1)
         if token not in cluster_json("tokens", []) or CA_HASH not in config:
-            print("error execution phase preflight: couldn't validate the identity of the API "
-                  "Server: could not find a JWS signature in the cluster-info ConfigMap for "
-                  f"token ID \"{token.split('.')[0]}\"", file=sys.stderr)
+            print(
+                "error execution phase preflight: couldn't validate the identity of the API "
+                "Server: could not find a JWS signature in the cluster-info ConfigMap for "
+                f'token ID "{token.split(".")[0]}"',
+                file=sys.stderr,
+            )
             return 1
         save_cluster_json("nodes", cluster_json("nodes", []) + [NODE])
         touch(STATE, "kubelet-active")
@@ -183,8 +194,10 @@ def kubectl(argv):
     if args == ["get", "nodes", "-o", "json"]:
         ready = "True" if has(CLUSTER, "network") else "False"
         items = [
-            {"metadata": {"name": name},
-             "status": {"conditions": [{"type": "Ready", "status": ready}]}}
+            {
+                "metadata": {"name": name},
+                "status": {"conditions": [{"type": "Ready", "status": ready}]},
+            }
             for name in cluster_json("nodes", [])
         ]
         print(json.dumps({"items": items}))
@@ -216,8 +229,16 @@ def crictl(argv):
     return 2
 
 
-TOOLS = {"sudo": sudo, "cloud-init": cloud_init, "swapon": swapon, "systemctl": systemctl,
-         "kubeadm": kubeadm, "kubectl": kubectl, "ctr": ctr, "crictl": crictl}
+TOOLS = {
+    "sudo": sudo,
+    "cloud-init": cloud_init,
+    "swapon": swapon,
+    "systemctl": systemctl,
+    "kubeadm": kubeadm,
+    "kubectl": kubectl,
+    "ctr": ctr,
+    "crictl": crictl,
+}
 
 if __name__ == "__main__":
     # Called by a wrapper as `node_tool.py <tool> <args>`, or linked under the tool's name.
