@@ -30,7 +30,9 @@ console = Console(stderr=True)
 def setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(
-        level=level, format="%(message)s", datefmt="%H:%M:%S",
+        level=level,
+        format="%(message)s",
+        datefmt="%H:%M:%S",
         handlers=[RichHandler(console=console, show_path=False)],
     )
     # Our own INFO lines are the operator's progress; libraries only speak up with -vv.
@@ -61,16 +63,25 @@ def main(verbose: int) -> None:
 
 DEFAULT_SCENARIO = Path("scenarios/smoke.yaml")
 engine_option = click.option(
-    "--engine", type=click.Choice(ENGINES), default=None,
+    "--engine",
+    type=click.Choice(ENGINES),
+    default=None,
     help="Engine to run on (default: the scenario's, normally podman).",
 )
 binder_option = click.option(
-    "--binder-home", type=click.Path(path_type=Path), default=None, envvar="LAB_BINDER_HOME",
+    "--binder-home",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="LAB_BINDER_HOME",
     help="A built WorkBinder tree (bin/ and lib/); without it the stand-in binder runs.",
 )
 runs_option = click.option(
-    "--run-dir", "runs_root", type=click.Path(path_type=Path), default=Path(".lab/runs"),
-    show_default=True, help="Folder under which each run keeps its files.",
+    "--run-dir",
+    "runs_root",
+    type=click.Path(path_type=Path),
+    default=Path(".lab/runs"),
+    show_default=True,
+    help="Folder under which each run keeps its files.",
 )
 
 
@@ -89,8 +100,9 @@ def _scenario(path: Path | None) -> tuple[Scenario, str, str]:
 @engine_option
 @binder_option
 @runs_option
-def up(scenario: Path | None, engine: str | None, binder_home: Path | None,
-       runs_root: Path) -> None:
+def up(
+    scenario: Path | None, engine: str | None, binder_home: Path | None, runs_root: Path
+) -> None:
     """Bring a lab up and leave it running: engine, binder and a full pool.
 
     SCENARIO is a scenario file (default: scenarios/smoke.yaml) whose binder, pool and
@@ -113,18 +125,28 @@ def up(scenario: Path | None, engine: str | None, binder_home: Path | None,
     show_status([lab.run_id])
 
 
-
 @main.command(name="run")
 @click.argument("scenario", type=click.Path(path_type=Path), required=False)
 @engine_option
 @binder_option
 @runs_option
-@click.option("--reports", "reports_root", type=click.Path(path_type=Path),
-              default=Path("reports"), show_default=True,
-              help="Folder under which each run writes <run id>/results.json.")
+@click.option(
+    "--reports",
+    "reports_root",
+    type=click.Path(path_type=Path),
+    default=Path("reports"),
+    show_default=True,
+    help="Folder under which each run writes <run id>/results.json.",
+)
 @click.option("--keep", is_flag=True, help="Leave the lab up afterwards (`lab down` removes it).")
-def run_command(scenario: Path | None, engine: str | None, binder_home: Path | None,
-                runs_root: Path, reports_root: Path, keep: bool) -> None:
+def run_command(
+    scenario: Path | None,
+    engine: str | None,
+    binder_home: Path | None,
+    runs_root: Path,
+    reports_root: Path,
+    keep: bool,
+) -> None:
     """Run a scenario suite on a fresh lab and print its measurements.
 
     SCENARIO is a scenario file (default: scenarios/smoke.yaml). Results go to
@@ -135,15 +157,25 @@ def run_command(scenario: Path | None, engine: str | None, binder_home: Path | N
     home = binder_home_from(str(binder_home) if binder_home else None)
     if home is not None:
         check_tree(home)
-    console.print(f"running suite [bold]{loaded.name}[/] ({source}) with the "
-                  f"{'real' if home else 'stand-in'} binder", highlight=False)
+    console.print(
+        f"running suite [bold]{loaded.name}[/] ({source}) with the "
+        f"{'real' if home else 'stand-in'} binder",
+        highlight=False,
+    )
     results, path = run_suite(
-        loaded, scenario_file=source, scenario_hash=digest, binder_home=home, engine=engine,
-        runs_root=runs_root, reports_root=reports_root, keep=keep,
+        loaded,
+        scenario_file=source,
+        scenario_hash=digest,
+        binder_home=home,
+        engine=engine,
+        runs_root=runs_root,
+        reports_root=reports_root,
+        keep=keep,
     )
     print_summary(results, path, Console())
     if not results.meta.valid:
         raise LabError(f"the run is invalid: {'; '.join(results.meta.invalid_reasons)}")
+
 
 @main.command()
 @click.argument("run_ids", nargs=-1)
@@ -176,8 +208,12 @@ def status(run_ids: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.option("--all", "everything", is_flag=True,
-              help="Also remove labs whose owner is alive (labs kept up by `lab up`).")
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="Also remove labs whose owner is alive (labs kept up by `lab up`).",
+)
 def clean(everything: bool) -> None:
     """Remove leftovers of any run whose owner process is gone."""
     from lab.engines.podman import podman_env, sweep_leftovers
@@ -206,17 +242,25 @@ def show_status(run_ids: list[str] | None) -> None:
         ready = "?"
         if info.get("port"):
             try:
-                ready = str(query_sync("127.0.0.1", int(info["port"]), deadline=2.0).total_ready)
+                port = int(str(info["port"]))
+                ready = str(query_sync("127.0.0.1", port, deadline=2.0).total_ready)
             except LabError:
                 ready = "no answer"
         owner = "alive" if record.owner_alive() else "gone"
-        table = Table(title=f"run {run_id} ({record.engine}, {info.get('binder', '?')} binder, "
-                            f"port {info.get('port', '?')}, READY {ready}, owner {owner})")
+        table = Table(
+            title=f"run {run_id} ({record.engine}, {info.get('binder', '?')} binder, "
+            f"port {info.get('port', '?')}, READY {ready}, owner {owner})"
+        )
         for column in ("pod", "role", "phase", "restarts", "age"):
             table.add_column(column)
         for pod in engine.pods():
-            table.add_row(pod.name, pod.labels.get("lab.role", ""), pod.phase, str(pod.restarts),
-                          f"{pod.age_s:.0f} s")
+            table.add_row(
+                pod.name,
+                pod.labels.get("lab.role", ""),
+                pod.phase,
+                str(pod.restarts),
+                f"{pod.age_s:.0f} s",
+            )
         Console().print(table)
 
 

@@ -83,7 +83,9 @@ class Lab:
             self.times.pool_full = time.monotonic() - binder_started
             log.info(
                 "run %s: pool of %d READY workers after %.1f s",
-                self.run_id, self.scenario.binder.pool.min_pool_size, self.times.pool_full,
+                self.run_id,
+                self.scenario.binder.pool.min_pool_size,
+                self.times.pool_full,
             )
         return self
 
@@ -110,8 +112,13 @@ class Lab:
     def attach(cls, scenario: Scenario, run_dir: Path, binder_home: Path | None) -> Lab:
         """A handle on a lab another process brought up (a pytest-xdist sibling)."""
         info = json.loads((run_dir / LAB_FILE).read_text())
-        lab = cls(scenario, binder_home=binder_home, engine=info["engine"],
-                  runs_root=run_dir.parent, run_id=info["run_id"])
+        lab = cls(
+            scenario,
+            binder_home=binder_home,
+            engine=info["engine"],
+            runs_root=run_dir.parent,
+            run_id=info["run_id"],
+        )
         lab.binder.endpoint.port = int(info["port"])
         lab.binder.endpoint.admin_port = int(info["admin_port"])
         lab.binder.image = str(info["image"])
@@ -158,7 +165,9 @@ class Lab:
         return self
 
     def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None,
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         if self.keep and kind is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,26 +21,48 @@ from lab.lab import Lab
 from lab.scenarios.schema import Scenario, load_scenario
 
 SESSION_FILE = "lab-session.json"
+SESSION_START = pytest.StashKey[float]()
+REPORTS = Path("reports")
 LOCK_TIMEOUT_S = 900.0
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("lab", "workbinder-lab")
-    group.addoption("--lab-engine", default="podman", choices=("podman", "kind", "vbox"),
-                    help="engine the lab runs on (default: podman)")
-    group.addoption("--lab-keep", action="store_true",
-                    help="leave the lab up after the session (remove it with `lab down`)")
-    group.addoption("--lab-run-dir", default=".lab/runs",
-                    help="folder under which runs keep their files (default: .lab/runs)")
-    group.addoption("--lab-binder-home", default=None,
-                    help="a built WorkBinder tree; default $LAB_BINDER_HOME, else the stand-in")
-    group.addoption("--lab-scenario", default=None,
-                    help="scenario file whose binder settings the session lab uses")
-    group.addoption("--lab-baseline", default=None,
-                    help="baseline file: gate every run this session writes against it")
+    group.addoption(
+        "--lab-engine",
+        default="podman",
+        choices=("podman", "kind", "vbox"),
+        help="engine the lab runs on (default: podman)",
+    )
+    group.addoption(
+        "--lab-keep",
+        action="store_true",
+        help="leave the lab up after the session (remove it with `lab down`)",
+    )
+    group.addoption(
+        "--lab-run-dir",
+        default=".lab/runs",
+        help="folder under which runs keep their files (default: .lab/runs)",
+    )
+    group.addoption(
+        "--lab-binder-home",
+        default=None,
+        help="a built WorkBinder tree; default $LAB_BINDER_HOME, else the stand-in",
+    )
+    group.addoption(
+        "--lab-scenario",
+        default=None,
+        help="scenario file whose binder settings the session lab uses",
+    )
+    group.addoption(
+        "--lab-baseline",
+        default=None,
+        help="baseline file: gate every run this session writes against it",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.stash[SESSION_START] = time.time()
     config.addinivalue_line(
         "markers", "lab: needs a running lab (real containers); select with -m lab"
     )
@@ -57,19 +80,21 @@ def session_scenario(config: pytest.Config) -> Scenario:
     if path:
         return load_scenario(Path(path))[0]
     # Quick timings for tests: a job whose worker died is forgotten after 3 s, not 30.
-    return Scenario.model_validate({
-        "name": "pytest-session",
-        "engine": config.getoption("--lab-engine"),
-        "binder": {
-            "pool": {"min_pool_size": 2, "min_jobs_on_ce": 2, "max_jobs_on_ce": 2},
-            "properties": {"DefaultMaxSecsReusableJob": 3},
-        },
-        "standin": {"first_submit_delay_ms": 500, "refill_tick_ms": 500},
-        "deadlines": {"recovery_s": 30, "pool_full_s": 60},
-        "refill": {"repetitions": 1, "drain_clients": 1, "hold_s": 0.2},
-        "failover": {"repetitions": 1},
-        "throughput": {"concurrency": [1, 4], "duration_s": 2},
-    })
+    return Scenario.model_validate(
+        {
+            "name": "pytest-session",
+            "engine": config.getoption("--lab-engine"),
+            "binder": {
+                "pool": {"min_pool_size": 2, "min_jobs_on_ce": 2, "max_jobs_on_ce": 2},
+                "properties": {"DefaultMaxSecsReusableJob": 3},
+            },
+            "standin": {"first_submit_delay_ms": 500, "refill_tick_ms": 500},
+            "deadlines": {"recovery_s": 30, "pool_full_s": 60},
+            "refill": {"repetitions": 1, "drain_clients": 1, "hold_s": 0.2},
+            "failover": {"repetitions": 1},
+            "throughput": {"concurrency": [1, 4], "duration_s": 2},
+        }
+    )
 
 
 def _shared_dir(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
@@ -133,9 +158,55 @@ def lab(
 
 
 @pytest.fixture
-def lab_exclusive(lab: Lab, tmp_path_factory: pytest.TempPathFactory,
-                  _lab_worker_id: str) -> Iterator[Lab]:
+def lab_exclusive(
+    lab: Lab, tmp_path_factory: pytest.TempPathFactory, _lab_worker_id: str
+) -> Iterator[Lab]:
     """The session lab, held alone: no other test changes it meanwhile."""
     shared = _shared_dir(tmp_path_factory, _lab_worker_id)
     with FileLock(str(shared / "lab-exclusive.lock"), timeout=LOCK_TIMEOUT_S):
         yield lab
+
+
+
+class _Lines:
+    """Collects what the gate writes, to show it in the terminal summary later."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def write_sep(self, sep: str, title: str = "", **_markup: object) -> None:
+        self.lines.append((sep, title))
+
+    def write_line(self, line: str, **_markup: object) -> None:
+        self.lines.append(("", line))
+
+
+GATE_LINES = pytest.StashKey[_Lines]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With --lab-baseline, gate every run written under reports/ during this session."""
+    config = session.config
+    baseline = config.getoption("--lab-baseline")
+    if not baseline or hasattr(config, "workerinput"):
+        return
+    from lab.report.gate import pytest_gate_summary
+
+    since = config.stash.get(SESSION_START, 0.0)
+    runs = sorted(
+        path.parent for path in REPORTS.glob("*/results.json") if path.stat().st_mtime >= since
+    )
+    lines = _Lines()
+    code = pytest_gate_summary(lines, runs, Path(baseline))
+    config.stash[GATE_LINES] = lines
+    if code and exitstatus == 0:
+        session.exitstatus = code
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    lines = terminalreporter.config.stash.get(GATE_LINES, None)
+    for sep, text in lines.lines if lines else []:
+        if sep:
+            terminalreporter.write_sep(sep, text)
+        else:
+            terminalreporter.write_line(text)

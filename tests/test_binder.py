@@ -56,8 +56,13 @@ def test_pool_reaches_its_minimum_in_containers(lab: Lab) -> None:
 def test_status_command_shows_the_workers(lab: Lab) -> None:
     lab_cli = Path(sys.executable).parent / "lab"
 
-    done = subprocess.run([str(lab_cli), "status", lab.run_id], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    done = subprocess.run(
+        [str(lab_cli), "status", lab.run_id],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
     assert done.returncode == 0, done.stderr
     assert f"{lab.run_id}-binder" in done.stdout
@@ -119,12 +124,21 @@ def test_the_query_counts_what_the_pool_holds(lab: Lab) -> None:
 
 
 def hook_config(engine: PodmanEngine, image: str, tmp_path: Path, socket: str) -> Path:
-    template = pod_manifest(name="placeholder", run_id=engine.run_id, role="worker",
-                            image=image, command=["sleep", "{job}"])
+    template = pod_manifest(
+        name="placeholder",
+        run_id=engine.run_id,
+        role="worker",
+        image=image,
+        command=["sleep", "{job}"],
+    )
     template["spec"]["containers"][0]["command"] = ["sleep", "600"]
     config = {
-        "target": {"kind": "podman", "socket": socket, "name_prefix": f"{engine.run_id}-",
-                   "timeout": 10},
+        "target": {
+            "kind": "podman",
+            "socket": socket,
+            "name_prefix": f"{engine.run_id}-",
+            "timeout": 10,
+        },
         "pod_template": template,
         "records": str(tmp_path / "submissions.jsonl"),
     }
@@ -134,12 +148,18 @@ def hook_config(engine: PodmanEngine, image: str, tmp_path: Path, socket: str) -
 
 
 def run_hook(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(HOOK), *args], capture_output=True, text=True,
-                          env={**os.environ, "LAB_HOOK_CONFIG": str(config)}, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(HOOK), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LAB_HOOK_CONFIG": str(config)},
+        timeout=60,
+    )
 
 
-def test_submit_hook_starts_the_jobs_pod(engine: PodmanEngine, base_image: str,
-                                         tmp_path: Path) -> None:
+def test_submit_hook_starts_the_jobs_pod(
+    engine: PodmanEngine, base_image: str, tmp_path: Path
+) -> None:
     config = hook_config(engine, base_image, tmp_path, str(engine.socket))
     job = "1796314185095-0"
 
@@ -154,8 +174,9 @@ def test_submit_hook_starts_the_jobs_pod(engine: PodmanEngine, base_image: str,
     assert record["ok"] and record["job"] == job and record["applied_mono"] >= record["mono"]
 
 
-def test_submit_hook_failure_is_recorded_and_quiet(engine: PodmanEngine, base_image: str,
-                                                   tmp_path: Path) -> None:
+def test_submit_hook_failure_is_recorded_and_quiet(
+    engine: PodmanEngine, base_image: str, tmp_path: Path
+) -> None:
     config = hook_config(engine, base_image, tmp_path, str(tmp_path / "no-such.sock"))
 
     done = run_hook(config, "ce", "Started_at_1", "1-0", "1-0")
@@ -167,8 +188,9 @@ def test_submit_hook_failure_is_recorded_and_quiet(engine: PodmanEngine, base_im
     assert engine.pods() == []
 
 
-def test_submit_hook_with_wrong_arguments(engine: PodmanEngine, base_image: str,
-                                          tmp_path: Path) -> None:
+def test_submit_hook_with_wrong_arguments(
+    engine: PodmanEngine, base_image: str, tmp_path: Path
+) -> None:
     config = hook_config(engine, base_image, tmp_path, str(engine.socket))
 
     done = run_hook(config, "only", "three", "args")

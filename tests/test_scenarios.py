@@ -42,8 +42,9 @@ def test_shipped_scenario_files_are_valid(path: Path) -> None:
 def test_refill_scenario(lab_exclusive: Lab) -> None:
     outcomes: dict[str, str] = {}
 
-    metrics = run_refill(lab_exclusive, Observer(lab_exclusive.run_dir, lab_exclusive.engine),
-                         outcomes)
+    metrics = run_refill(
+        lab_exclusive, Observer(lab_exclusive.run_dir, lab_exclusive.engine), outcomes
+    )
 
     assert outcomes == {}
     assert metrics["cold_fill_s"].n == 1 and metrics["cold_fill_s"].median
@@ -61,11 +62,17 @@ def test_failover_scenario(lab_exclusive: Lab) -> None:
     metrics = run_failover(lab_exclusive, observer, outcomes)
 
     # With a 3 s reusable timeout every fault recovers well within the 30 s deadline.
-    for name in ("kill_ready_recovery_s", "kill_busy_recovery_s", "binder_restart_answer_s",
-                 "binder_restart_pool_s"):
+    for name in (
+        "kill_ready_recovery_s",
+        "kill_busy_recovery_s",
+        "binder_restart_answer_s",
+        "binder_restart_pool_s",
+    ):
         assert metrics[name].n == 1, (name, outcomes)
-    assert "Closed" in outcomes["failover.kill_busy.1.client_saw"] or "Peer" in outcomes[
-        "failover.kill_busy.1.client_saw"]
+    assert (
+        "Closed" in outcomes["failover.kill_busy.1.client_saw"]
+        or "Peer" in outcomes["failover.kill_busy.1.client_saw"]
+    )
     faults = [e.detail for e in observer.timeline() if e.kind == "fault"]
     assert any(f.startswith("killed READY worker") for f in faults)
     assert "killed the binder" in faults
@@ -74,8 +81,9 @@ def test_failover_scenario(lab_exclusive: Lab) -> None:
 @pytest.mark.lab
 @needs_podman
 def test_throughput_scenario(lab_exclusive: Lab) -> None:
-    metrics, levels = run_throughput(lab_exclusive,
-                                     Observer(lab_exclusive.run_dir, lab_exclusive.engine))
+    metrics, levels = run_throughput(
+        lab_exclusive, Observer(lab_exclusive.run_dir, lab_exclusive.engine)
+    )
 
     assert [level.concurrency for level in levels] == [1, 4]
     assert all(level.ok > 0 for level in levels)
@@ -93,14 +101,16 @@ TRUTH = {"first_submit_delay_ms": 1500, "reconnect_delay_ms": 400}
 def truth_results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Results]:
     if os.environ.get("LAB_BINDER_HOME"):
         pytest.skip("known-truth checks need the stand-in, whose delays the lab sets")
-    scenario = Scenario.model_validate({
-        "name": "known-truth",
-        "binder": {"pool": {"min_pool_size": 2, "min_jobs_on_ce": 2, "max_jobs_on_ce": 2}},
-        "standin": {**TRUTH, "refill_tick_ms": 500},
-        "refill": {"repetitions": 3, "drain_clients": 2, "hold_s": 0.2},
-        "failover": {"enabled": False},
-        "throughput": {"enabled": False},
-    })
+    scenario = Scenario.model_validate(
+        {
+            "name": "known-truth",
+            "binder": {"pool": {"min_pool_size": 2, "min_jobs_on_ce": 2, "max_jobs_on_ce": 2}},
+            "standin": {**TRUTH, "refill_tick_ms": 500},
+            "refill": {"repetitions": 3, "drain_clients": 2, "hold_s": 0.2},
+            "failover": {"enabled": False},
+            "throughput": {"enabled": False},
+        }
+    )
     runs = tmp_path_factory.mktemp("truth")
     with Lab(scenario, runs_root=runs) as the_lab:
         yield measure(the_lab, scenario_file="inline", scenario_hash="0", started="now")

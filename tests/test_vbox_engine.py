@@ -65,6 +65,7 @@ from lab.errors import (
     WaitTimeout,
 )
 from lab.proc import run
+from lab.run import new_run_id
 from tests.fakes.kind.fake_apiserver import FakeApiServer
 
 FAKES = Path(__file__).parent / "fakes" / "vbox"
@@ -610,6 +611,7 @@ class Lab:
     vbox: FakeVbox
     api: FakeApiServer
     run_dir: Path
+    run_id: str
 
 
 @pytest.fixture
@@ -620,14 +622,15 @@ def lab_parts(
     engines: list[VboxEngine] = []
 
     def make(**options: Any) -> Lab:
+        rid = new_run_id()  # its own: a parallel session of these tests shares podman
         run_dir = tmp_path / "run"
         image = tmp_path / "noble.vmdk"
         image.write_bytes(b"a cloud image")
         base = free_ports(2)
-        keys = ensure_run_keys(run_dir / "vbox" / "ssh", RUN_ID, ["cp", "w1"])
+        keys = ensure_run_keys(run_dir / "vbox" / "ssh", rid, ["cp", "w1"])
         nodes = {
             key: start_node(
-                f"wblab-{RUN_ID}-{key}", base + index, keys[key].private_path, keys["login"].public
+                f"wblab-{rid}-{key}", base + index, keys[key].private_path, keys["login"].public
             )
             for index, key in enumerate(("cp", "w1"))
         }
@@ -645,9 +648,9 @@ def lab_parts(
             "ready_timeout_s": 30,
             **options,
         }
-        engine = VboxEngine(RUN_ID, run_dir, api_transport=api.transport, **settings)
+        engine = VboxEngine(rid, run_dir, api_transport=api.transport, **settings)
         engines.append(engine)
-        return Lab(engine, nodes, fake_vbox, api, run_dir)
+        return Lab(engine, nodes, fake_vbox, api, run_dir, rid)
 
     yield make
     for engine in engines:
@@ -680,6 +683,7 @@ def expected_vbox_calls(engine: VboxEngine) -> list[list[str]]:
 
 def test_up_builds_the_cluster_and_down_removes_it(lab_parts: Any, tmp_path: Path) -> None:
     lab = lab_parts()
+    rid = lab.run_id
     engine, cp, w1 = lab.engine, lab.nodes["cp"], lab.nodes["w1"]
     engine.up()
     plan = engine.plan
@@ -692,7 +696,7 @@ def test_up_builds_the_cluster_and_down_removes_it(lab_parts: Any, tmp_path: Pat
         cp.name: "running",
         w1.name: "running",
     }
-    assert vms[cp.name]["extradata"] == {"lab/run": RUN_ID}
+    assert vms[cp.name]["extradata"] == {"lab/run": rid}
     for node in plan.nodes:
         label, files = read_seed_iso(plan.seed_path(node))
         assert label == "cidata"
@@ -777,14 +781,15 @@ def test_up_builds_the_cluster_and_down_removes_it(lab_parts: Any, tmp_path: Pat
 
 def test_pods_and_images_go_the_kind_way(lab_parts: Any, tmp_path: Path) -> None:
     lab = lab_parts()
+    rid = lab.run_id
     engine = lab.engine
     engine.up()
-    namespace = f"lab-{RUN_ID}"
+    namespace = f"lab-{rid}"
     from lab.manifest import pod_manifest
 
     worker = pod_manifest(
         name="job-1",
-        run_id=RUN_ID,
+        run_id=rid,
         role="worker",
         image="localhost/w:1",
         command=["sleep", "1"],
@@ -792,8 +797,8 @@ def test_pods_and_images_go_the_kind_way(lab_parts: Any, tmp_path: Path) -> None
     )
     engine.apply(worker)
     binder = pod_manifest(
-        name=f"{RUN_ID}-binder",
-        run_id=RUN_ID,
+        name=f"{rid}-binder",
+        run_id=rid,
         role="binder",
         image="localhost/w:1",
         command=["sleep", "1"],
@@ -812,7 +817,7 @@ def test_pods_and_images_go_the_kind_way(lab_parts: Any, tmp_path: Path) -> None
     assert engine.client_address() == ("127.0.0.1", engine.options.binder_host_port)
     with pytest.raises(LabError, match="asks for the host network"):
         engine.apply(
-            pod_manifest(name="hn", run_id=RUN_ID, role="worker", image="x", command=["true"])
+            pod_manifest(name="hn", run_id=rid, role="worker", image="x", command=["true"])
         )
 
     # A kill is a CRI stop with no grace period, on the node that runs the pod.
@@ -833,7 +838,7 @@ def test_pods_and_images_go_the_kind_way(lab_parts: Any, tmp_path: Path) -> None
                 }
             ],
         },
-        node=f"wblab-{RUN_ID}-w1",
+        node=f"wblab-{rid}-w1",
     )
     assert [p.phase for p in engine.pods({"lab.role": "worker"})] == ["Running"]
     engine.kill("job-1")
@@ -845,12 +850,12 @@ def test_pods_and_images_go_the_kind_way(lab_parts: Any, tmp_path: Path) -> None
     context.mkdir()
     (context / "hello").write_text("hello\n")
     (context / "Containerfile").write_text("FROM scratch\nCOPY hello /hello\n")
-    tag = f"localhost/lab-vbox-test-{RUN_ID}:1"
+    tag = f"localhost/lab-vbox-test-{rid}:1"
     image_id = engine.build_image(context, tag, {"lab.binder": "standin"})
     assert len(image_id) == 64
     for key in ("cp", "w1"):
         node_dir = tmp_path / "nodes" / key / "files"
-        remote = f"{node_dir}/images/localhost_lab-vbox-test-{RUN_ID}_1.tar"
+        remote = f"{node_dir}/images/localhost_lab-vbox-test-{rid}_1.tar"
         assert lab.nodes[key].calls("ctr") == [["ctr", "-n", "k8s.io", "images", "import", remote]]
         assert "manifest.json" in json.loads((lab.nodes[key].state / "imported").read_text())
         assert not Path(remote).exists()
@@ -869,6 +874,7 @@ def test_a_node_with_swap_is_refused_with_the_fix_and_cleaned_up(lab_parts: Any)
 
 def test_a_kubeadm_failure_is_explained_and_keep_leaves_the_vms(lab_parts: Any) -> None:
     lab = lab_parts(keep=True)
+    rid = lab.run_id
     (lab.nodes["cp"].state / "kubelet-unhealthy").write_text("")
     with pytest.raises(
         RemoteCommandFailed,
@@ -877,7 +883,7 @@ def test_a_kubeadm_failure_is_explained_and_keep_leaves_the_vms(lab_parts: Any) 
     ):
         lab.engine.up()
     assert "[kubelet-check]" in (lab.run_dir / "vbox" / "kubeadm-init.log").read_text()
-    assert set(lab.vbox.vms()) == {f"wblab-{RUN_ID}-cp", f"wblab-{RUN_ID}-w1"}  # keep=True
+    assert set(lab.vbox.vms()) == {f"wblab-{rid}-cp", f"wblab-{rid}-w1"}  # keep=True
 
 
 def test_a_failed_first_boot_points_at_cloud_inits_log(lab_parts: Any) -> None:

@@ -33,8 +33,16 @@ HOOK = "/opt/lab/submit_hook.py"
 STANDIN_PYTHONPATH = "/opt/lab/py"
 IN_POD = {"conf": "/lab/conf", "logs": "/lab/logs", "tmp": "/lab/tmp", "status": "/lab/status"}
 REAL_WORKER = ["sh", "startBinderJobLocal.sh", "{ce}", "{routing}", "{job}", "{logfile}"]
-STANDIN_WORKER = ["python3", "-m", "lab.standin.worker", f"{TREE}/WorkerDispatcher.properties",
-                  "{ce}", "{routing}", "{job}", "{logfile}"]
+STANDIN_WORKER = [
+    "python3",
+    "-m",
+    "lab.standin.worker",
+    f"{TREE}/WorkerDispatcher.properties",
+    "{ce}",
+    "{routing}",
+    "{job}",
+    "{logfile}",
+]
 SHUTDOWN = "SHUTDOWN"
 # The stand-in's modules that go into its image: the standard library is all they use.
 STANDIN_MODULES = ("__init__.py", "errors.py", "protocol", "standin")
@@ -53,9 +61,7 @@ class BinderEndpoint:
 class BinderDeployment:
     """One binder (real or stand-in) and its worker pods on one engine."""
 
-    def __init__(
-        self, engine: Engine, scenario: Scenario, binder_home: Path | None
-    ) -> None:
+    def __init__(self, engine: Engine, scenario: Scenario, binder_home: Path | None) -> None:
         self.engine = engine
         self.scenario = scenario
         self.binder_home = binder_home
@@ -63,6 +69,7 @@ class BinderDeployment:
         self.run_dir = engine.run_dir
         self.dirs = {name: self.run_dir / name for name in IN_POD}
         self.endpoint = BinderEndpoint("127.0.0.1", 0, 0, dict(scenario.binder.ces))
+        self.listen_port = 0  # where the binder listens; endpoint.port is where clients go
         self.image = ""
         self.image_hash = ""
         self.pod_name = f"{engine.run_id}-binder"
@@ -78,13 +85,22 @@ class BinderDeployment:
         (self.dirs["logs"] / "workers").mkdir(exist_ok=True)
         context = self._image_context()
         shipped = self._shipped_properties(context)
-        self.endpoint.port = free_port()
+        self.listen_port = free_port()
         self.endpoint.admin_port = free_port()
         self._write_properties(shipped)
         self.image_hash = tree_hash(context)
         self.image = f"localhost/lab-worker-{self.engine.run_id}:{self.image_hash}"
         self.engine.build_image(context, self.image, {"lab.binder": self.kind})
         self._write_hook_config()
+        self.endpoint.host, self.endpoint.port = self._client_address()
+
+    def _client_address(self) -> tuple[str, int]:
+        # On podman the binder listens on the host; on a cluster, behind a mapped port.
+        address = getattr(self.engine, "client_address", None)
+        if address is None:
+            return "127.0.0.1", self.listen_port
+        host, port = address(self.listen_port) if self.engine.name == "podman" else address()
+        return str(host), int(port)
 
     def _image_context(self) -> Path:
         context = self.run_dir / "image"
@@ -104,8 +120,7 @@ class BinderDeployment:
             for name in STANDIN_MODULES:
                 source = PACKAGE_ROOT / name
                 if source.is_dir():
-                    shutil.copytree(source, py / name,
-                                    ignore=shutil.ignore_patterns("__pycache__"))
+                    shutil.copytree(source, py / name, ignore=shutil.ignore_patterns("__pycache__"))
                 else:
                     shutil.copy2(source, py / name)
         hook = context / "lab" / "submit_hook.py"
@@ -137,45 +152,53 @@ class BinderDeployment:
         # WorkBinder's code default; the stand-in has no shipped file to take it from.
         binder.setdefault("DefaultApplicationList", "ANY")
         binder.update(overrides)
-        binder.update({
-            "ListeningPort": str(self.endpoint.port),
-            "AdminPort": str(self.endpoint.admin_port),
-            "ShutDownCommand": SHUTDOWN,
-            "CEs": " ".join(settings.ces),
-            **{f"{short}_CE": full for short, full in settings.ces.items()},
-            "MinPoolSize": str(settings.pool.min_pool_size),
-            "DefaultMinJobsOnCE": str(settings.pool.min_jobs_on_ce),
-            "DefaultMaxJobsOnCE": str(settings.pool.max_jobs_on_ce),
-            "HtmlFileName": f"{IN_POD['status']}/PoolStatus.html",
-            "HTMLFileCreationInterval": str(settings.status_interval_s),
-            # WorkBinder turns SSL on when the key is missing; the lab has no certificates.
-            "UseSSL": "off",
-            "JobSubmissionType": "script",
-            "Script": HOOK,
-            "PROCESS_TWEAK_ENABLED": "yes",
-            "RecoveryType": "none",
-            "GeneratePerformanceMonitoringEvents": "false",
-        })
+        binder.update(
+            {
+                "ListeningPort": str(self.listen_port),
+                "AdminPort": str(self.endpoint.admin_port),
+                "ShutDownCommand": SHUTDOWN,
+                "CEs": " ".join(settings.ces),
+                **{f"{short}_CE": full for short, full in settings.ces.items()},
+                "MinPoolSize": str(settings.pool.min_pool_size),
+                "DefaultMinJobsOnCE": str(settings.pool.min_jobs_on_ce),
+                "DefaultMaxJobsOnCE": str(settings.pool.max_jobs_on_ce),
+                "HtmlFileName": f"{IN_POD['status']}/PoolStatus.html",
+                "HTMLFileCreationInterval": str(settings.status_interval_s),
+                # WorkBinder turns SSL on when the key is missing; the lab has no certificates.
+                "UseSSL": "off",
+                "JobSubmissionType": "script",
+                "Script": HOOK,
+                "PROCESS_TWEAK_ENABLED": "yes",
+                "RecoveryType": "none",
+                "GeneratePerformanceMonitoringEvents": "false",
+            }
+        )
         standin = self.scenario.standin
         if self.kind == "standin":
-            binder.update({
-                "LabStandinFirstSubmitDelayMs": str(standin.first_submit_delay_ms),
-                "LabStandinRefillTickMs": str(standin.refill_tick_ms),
-            })
-        worker.update({
-            "BinderAddress": self.engine.binder_address(),
-            "BinderPort": str(self.endpoint.port),
-            # WorkBinder appends the job id with no separator: keep the slash.
-            "ReportsLocationDir": f"{IN_POD['logs']}/workers/",
-            "UseSSL": "off",
-        })
+            binder.update(
+                {
+                    "LabStandinFirstSubmitDelayMs": str(standin.first_submit_delay_ms),
+                    "LabStandinRefillTickMs": str(standin.refill_tick_ms),
+                }
+            )
+        worker.update(
+            {
+                "BinderAddress": self.engine.binder_address(),
+                "BinderPort": str(self.listen_port),
+                # WorkBinder appends the job id with no separator: keep the slash.
+                "ReportsLocationDir": f"{IN_POD['logs']}/workers/",
+                "UseSSL": "off",
+            }
+        )
         if self.kind == "standin":
-            worker.update({
-                "ApplicationList": "TEST",
-                "LabStandinWorkerStartDelayMs": str(standin.worker_start_delay_ms),
-                "LabStandinReconnectDelayMs": str(standin.reconnect_delay_ms),
-                "LabStandinWorkerRuns": str(standin.worker_runs),
-            })
+            worker.update(
+                {
+                    "ApplicationList": "TEST",
+                    "LabStandinWorkerStartDelayMs": str(standin.worker_start_delay_ms),
+                    "LabStandinReconnectDelayMs": str(standin.reconnect_delay_ms),
+                    "LabStandinWorkerRuns": str(standin.worker_runs),
+                }
+            )
         header = f"Rendered by workbinder-lab for run {self.engine.run_id}; do not edit."
         conf = self.dirs["conf"]
         (conf / "binder.properties").write_text(props.render_properties(binder, header))
@@ -196,10 +219,15 @@ class BinderDeployment:
 
     def _write_hook_config(self) -> None:
         template = pod_manifest(
-            name="placeholder", run_id=self.engine.run_id, role="worker", image=self.image,
+            name="placeholder",
+            run_id=self.engine.run_id,
+            role="worker",
+            image=self.image,
             command=self.worker_command(),
             restart_policy=self.scenario.worker.restart_policy,
-            mounts=self._mounts(), env={"TMPDIR": IN_POD["tmp"]}, workdir=TREE,
+            env={"TMPDIR": IN_POD["tmp"]},
+            workdir=TREE,
+            **self.engine.manifest_options(self._mounts()),
         )
         config = {
             "target": self.engine.hook_target(),
@@ -215,12 +243,23 @@ class BinderDeployment:
             # run_binder.sh logs to stdout only; the lab keeps it in the run folder.
             start = f"exec bash run_binder.sh >>{IN_POD['logs']}/binder.log 2>&1"
         else:
-            start = (f"exec python3 -m lab.standin.binder binder.properties "
-                     f">>{IN_POD['logs']}/binder.log 2>&1")
+            start = (
+                f"exec python3 -m lab.standin.binder binder.properties "
+                f">>{IN_POD['logs']}/binder.log 2>&1"
+            )
         mounts = {**self._mounts(), **self.engine.hook_mounts()}
+        options = self.engine.manifest_options(mounts)
+        if self.engine.name != "podman":
+            # On a cluster the binder's port is published through its Service.
+            options["ports"] = {"binder": self.listen_port}
         return pod_manifest(
-            name=self.pod_name, run_id=self.engine.run_id, role="binder", image=self.image,
-            command=["bash", "-c", start], restart_policy="Never", mounts=mounts,
+            name=self.pod_name,
+            run_id=self.engine.run_id,
+            role="binder",
+            image=self.image,
+            command=["bash", "-c", start],
+            restart_policy="Never",
+            **options,
             env={
                 "LAB_HOOK_CONFIG": f"{IN_POD['conf']}/hook.json",
                 "TMPDIR": IN_POD["tmp"],
@@ -243,7 +282,7 @@ class BinderDeployment:
         marker = f"=== lab: binder start {self.starts} at {time.time():.3f} ===\n"
         with open(self.dirs["logs"] / "binder.log", "a") as binder_log:
             binder_log.write(marker)
-        log.info("starting the %s binder on port %d", self.kind, self.endpoint.port)
+        log.info("starting the %s binder on port %d", self.kind, self.listen_port)
         self.engine.apply(self.binder_manifest())
         return self.started_mono
 
@@ -252,8 +291,7 @@ class BinderDeployment:
             phase = self._binder_phase()
             if phase in ("Failed", "Succeeded"):
                 raise LabError(
-                    f"the binder exited before listening ({phase}); its log says: "
-                    f"{self.log_tail()}"
+                    f"the binder exited before listening ({phase}); its log says: {self.log_tail()}"
                 )
             try:
                 # A CE query, not a bare connect: WorkBinder logs a stack trace for those.
@@ -262,8 +300,12 @@ class BinderDeployment:
             except LabError as exc:
                 return False, f"binder pod {phase}, port {self.endpoint.port}: {exc}"
 
-        wait_for(f"the binder to listen on port {self.endpoint.port}", listening,
-                 timeout=timeout, interval=0.05)
+        wait_for(
+            f"the binder to listen on port {self.endpoint.port}",
+            listening,
+            timeout=timeout,
+            interval=0.05,
+        )
 
     def _binder_phase(self) -> str:
         pods = self.engine.pods({"lab.role": "binder"})

@@ -9,24 +9,61 @@ from lab.errors import LabError
 
 # Keys WorkBinder reads from binder.properties (besides the per-CE and per-application
 # families below); anything else in a scenario is a typo or a wish.
-BINDER_KEYS = frozenset({
-    "ListeningPort", "AdminPort", "ShutDownCommand", "CEs", "MinPoolSize",
-    "DefaultMinJobsOnCE", "DefaultMaxJobsOnCE", "DefaultMaxSecsSubmittedJob",
-    "DefaultMaxSecsReadyJob", "DefaultMaxSecsReusableJob",
-    "DefaultMaxSecsSubmittedJobCorrectiveCoefficientForReadyJobs",
-    "DefaultMaxSecsSubmittedJobCorrectiveCoefficientForDiscardedJobs",
-    "DefaultMultiplicationCoefficientForMaxSecsAgedJobs", "DefaultMaxWallClockTime",
-    "HtmlFileName", "HTMLFileCreationInterval", "gstatHomeURL", "DefaultApplicationList",
-    "DefaultApplicationHandler", "JobSubmissionType", "Script", "IdleTimeout",
-    "PanicModeCEPercent", "UseSSL", "RecoveryType", "GeneratePerformanceMonitoringEvents",
-    "PluginsDir", "AppsPropertiesFile", "PROCESS_TWEAK_ENABLED", "ClientSamplingInterval",
-    "ClientFreqCoeff", "BinderBusyCoeff", "BinderClientsCoeff", "RequireClientAuth",
-    "AuthzType", "CertificatesDir", "VomsDir", "GliteLoc", "BinderCert", "VO",
-    "CrlUpdateInterval", "CredentialsUpdateInterval",
-})
-PER_CE_SUFFIXES = ("_CE", "_MinJobsOnCE", "_MaxJobsOnCE", "_MaxSecsSubmittedJob",
-                   "_ApplicationList", "_VOMSAuth",
-                   "_MaxSecsSubmittedJobCorrectiveCoefficientForReadyJobs")
+BINDER_KEYS = frozenset(
+    {
+        "ListeningPort",
+        "AdminPort",
+        "ShutDownCommand",
+        "CEs",
+        "MinPoolSize",
+        "DefaultMinJobsOnCE",
+        "DefaultMaxJobsOnCE",
+        "DefaultMaxSecsSubmittedJob",
+        "DefaultMaxSecsReadyJob",
+        "DefaultMaxSecsReusableJob",
+        "DefaultMaxSecsSubmittedJobCorrectiveCoefficientForReadyJobs",
+        "DefaultMaxSecsSubmittedJobCorrectiveCoefficientForDiscardedJobs",
+        "DefaultMultiplicationCoefficientForMaxSecsAgedJobs",
+        "DefaultMaxWallClockTime",
+        "HtmlFileName",
+        "HTMLFileCreationInterval",
+        "gstatHomeURL",
+        "DefaultApplicationList",
+        "DefaultApplicationHandler",
+        "JobSubmissionType",
+        "Script",
+        "IdleTimeout",
+        "PanicModeCEPercent",
+        "UseSSL",
+        "RecoveryType",
+        "GeneratePerformanceMonitoringEvents",
+        "PluginsDir",
+        "AppsPropertiesFile",
+        "PROCESS_TWEAK_ENABLED",
+        "ClientSamplingInterval",
+        "ClientFreqCoeff",
+        "BinderBusyCoeff",
+        "BinderClientsCoeff",
+        "RequireClientAuth",
+        "AuthzType",
+        "CertificatesDir",
+        "VomsDir",
+        "GliteLoc",
+        "BinderCert",
+        "VO",
+        "CrlUpdateInterval",
+        "CredentialsUpdateInterval",
+    }
+)
+PER_CE_SUFFIXES = (
+    "_CE",
+    "_MinJobsOnCE",
+    "_MaxJobsOnCE",
+    "_MaxSecsSubmittedJob",
+    "_ApplicationList",
+    "_VOMSAuth",
+    "_MaxSecsSubmittedJobCorrectiveCoefficientForReadyJobs",
+)
 PER_APP_SUFFIXES = ("_ApplicationHandler",)
 # The stand-in's own timing keys; WorkBinder ignores them.
 STANDIN_PREFIX = "LabStandin"

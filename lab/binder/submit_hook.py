@@ -64,7 +64,9 @@ def apply_podman(target: dict[str, Any], manifest: dict[str, Any]) -> str:
     conn = _UnixHTTPConnection(target["socket"], timeout=float(target.get("timeout", 60)))
     body = json.dumps(manifest)  # JSON is YAML, and kube play reads YAML.
     conn.request(
-        "POST", "/v4.0.0/libpod/play/kube", body=body,
+        "POST",
+        "/v4.0.0/libpod/play/kube",
+        body=body,
         headers={"Content-Type": "application/x-yaml"},
     )
     response = conn.getresponse()

@@ -51,8 +51,9 @@ def copy_tree(home: Path, dest: Path) -> Path:
     check_tree(home)
     if dest.exists():
         shutil.rmtree(dest)
-    shutil.copytree(home, dest, ignore=lambda _dir, names: [n for n in names if n in SKIPPED],
-                    symlinks=True)
+    shutil.copytree(
+        home, dest, ignore=lambda _dir, names: [n for n in names if n in SKIPPED], symlinks=True
+    )
     return dest
 
 

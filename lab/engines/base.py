@@ -69,6 +69,9 @@ class Engine(Protocol):
     def binder_address(self) -> str:
         """The address workers use to reach the binder."""
 
+    def manifest_options(self, mounts: dict[str, str] | None = None) -> dict[str, Any]:
+        """pod_manifest keywords that fit this engine, from host-path `mounts`."""
+
     def base_image(self) -> str:
         """The lab's base image (Debian with a JRE), built or loaded as this engine needs."""
 

@@ -77,10 +77,20 @@ def ensure_base_image(podman_env: dict[str, str], mirror: str, progress: bool = 
         log.info("importing the base image %s from %s", tag, tarball)
         started = time.monotonic()
         run(
-            ["podman", "import", "--change", f"ENV {PATH_ENV}",
-             "--change", 'CMD ["/bin/bash"]', "--change", f"LABEL {CACHE_LABEL}=base",
-             str(tarball), tag],
-            env=podman_env, timeout=600,
+            [
+                "podman",
+                "import",
+                "--change",
+                f"ENV {PATH_ENV}",
+                "--change",
+                'CMD ["/bin/bash"]',
+                "--change",
+                f"LABEL {CACHE_LABEL}=base",
+                str(tarball),
+                tag,
+            ],
+            env=podman_env,
+            timeout=600,
         )
         log.info("base image ready in %.0f s", time.monotonic() - started)
     return tag
@@ -99,8 +109,12 @@ def build_rootfs_tarball(tarball: Path, mirror: str, progress: bool) -> None:
     log.info("building the base image from Debian packages (cold, takes a few minutes)")
     started = time.monotonic()
     argv = [
-        "debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
-        SUITE, str(work), mirror,
+        "debootstrap",
+        "--variant=minbase",
+        f"--include={','.join(PACKAGES)}",
+        SUITE,
+        str(work),
+        mirror,
     ]
     lines = _run_with_progress(argv, "debootstrap" if progress else "")
     log.info("debootstrap done in %.0f s; packing the root file system", time.monotonic() - started)
@@ -121,9 +135,12 @@ def _run_with_progress(argv: list[str], label: str) -> int:
     tail: list[str] = []
     log.debug("running: %s", " ".join(argv))
     deadline = time.monotonic() + DEBOOTSTRAP_TIMEOUT_S
-    with subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as child, console.status(f"{label}: starting", spinner="dots") as status:
+    with (
+        subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as child,
+        console.status(f"{label}: starting", spinner="dots") as status,
+    ):
         assert child.stdout is not None
         for line in child.stdout:
             tail = (tail + [line.rstrip()])[-20:]

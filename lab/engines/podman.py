@@ -40,8 +40,14 @@ HOOK_SOCKET = "/run/lab/podman.sock"
 # What a worker may ask for, capped below at the machine's hard limits (the default
 # ulimits of podman ask for more than this machine grants, and containers then fail).
 WANTED_ULIMITS = {"nofile": (65536, resource.RLIMIT_NOFILE), "nproc": (8192, resource.RLIMIT_NPROC)}
-PHASES = {"running": "Running", "created": "Pending", "configured": "Pending",
-          "initialized": "Pending", "paused": "Running", "stopping": "Running"}
+PHASES = {
+    "running": "Running",
+    "created": "Pending",
+    "configured": "Pending",
+    "initialized": "Pending",
+    "paused": "Running",
+    "stopping": "Running",
+}
 
 
 def containers_conf() -> str:
@@ -57,7 +63,7 @@ def containers_conf() -> str:
         f"default_ulimits = [{', '.join(ulimits)}]\n"
         'netns = "host"\n'
         "[engine]\n"
-        '# crun fails on hosts with hybrid cgroups; runc works there.\n'
+        "# crun fails on hosts with hybrid cgroups; runc works there.\n"
         'runtime = "runc"\n'
         'cgroup_manager = "cgroupfs"\n'
         'events_logger = "file"\n'
@@ -106,7 +112,9 @@ class PodmanEngine:
         service_log = open(self.run_dir / "podman-service.log", "ab")  # noqa: SIM115
         self._service = subprocess.Popen(
             ["podman", "system", "service", "--time=0", f"unix://{self.socket}"],
-            env=self.env, stdout=service_log, stderr=subprocess.STDOUT,
+            env=self.env,
+            stdout=service_log,
+            stderr=subprocess.STDOUT,
             # Its own session: Ctrl-C reaches the lab, which then stops it in order.
             start_new_session=True,
         )
@@ -119,8 +127,10 @@ class PodmanEngine:
         def answering() -> tuple[bool, str]:
             if self._service is not None and self._service.poll() is not None:
                 raise CommandFailed(
-                    ["podman", "system", "service"], self._service.returncode,
-                    (self.run_dir / "podman-service.log").read_text(), PODMAN_HINT,
+                    ["podman", "system", "service"],
+                    self._service.returncode,
+                    (self.run_dir / "podman-service.log").read_text(),
+                    PODMAN_HINT,
                 )
             try:
                 self.client.ping()
@@ -167,8 +177,12 @@ class PodmanEngine:
         log.info("building image %s", tag)
         try:
             image, _logs = self.client.images.build(
-                path=str(context), dockerfile="Containerfile", tag=tag, labels=labels,
-                rm=True, network_mode="host",
+                path=str(context),
+                dockerfile="Containerfile",
+                tag=tag,
+                labels=labels,
+                rm=True,
+                network_mode="host",
                 pull=False,
             )
         except docker.errors.BuildError as exc:
@@ -198,6 +212,14 @@ class PodmanEngine:
         """Where workers reach the binder: everything shares the host's loopback."""
         return "127.0.0.1"
 
+    def manifest_options(self, mounts: dict[str, str] | None = None) -> dict[str, Any]:
+        """pod_manifest keywords for this engine: host network, host paths mounted."""
+        return {"mounts": dict(mounts or {})}
+
+    def client_address(self, listen_port: int) -> tuple[str, int]:
+        """Where the host's clients reach a binder listening on `listen_port`."""
+        return "127.0.0.1", listen_port
+
     def pods(self, selector: dict[str, str] | None = None) -> list[PodInfo]:
         filters = [f"--filter=label={RUN_LABEL}={self.run_id}"]
         filters += [f"--filter=label={k}={v}" for k, v in (selector or {}).items()]
@@ -208,13 +230,15 @@ class PodmanEngine:
         infos = []
         for pod in pods:
             members = [c for c in containers if c["Pod"] == pod["Id"] and not c["IsInfra"]]
-            infos.append(PodInfo(
-                name=pod["Name"],
-                phase=_phase(members),
-                restarts=sum(int(c["RestartCount"]) for c in members),
-                age_s=max(0.0, now - _parse_time(pod["Created"])),
-                labels=dict(pod.get("Labels") or {}),
-            ))
+            infos.append(
+                PodInfo(
+                    name=pod["Name"],
+                    phase=_phase(members),
+                    restarts=sum(int(c["RestartCount"]) for c in members),
+                    age_s=max(0.0, now - _parse_time(pod["Created"])),
+                    labels=dict(pod.get("Labels") or {}),
+                )
+            )
         return sorted(infos, key=lambda p: p.name)
 
     def _containers(self) -> list[dict[str, Any]]:
@@ -228,8 +252,11 @@ class PodmanEngine:
         details = json.loads(inspected.stdout or "[]") or []
         return [
             {
-                "Name": c["Name"], "Pod": c.get("Pod", ""), "IsInfra": c.get("IsInfra", False),
-                "RestartCount": c.get("RestartCount", 0), "State": c["State"],
+                "Name": c["Name"],
+                "Pod": c.get("Pod", ""),
+                "IsInfra": c.get("IsInfra", False),
+                "RestartCount": c.get("RestartCount", 0),
+                "State": c["State"],
             }
             for c in details
         ]
@@ -274,9 +301,22 @@ class PodmanEngine:
     def events(self) -> list[EngineEvent]:
         since = datetime.fromtimestamp(self._started_wall - 1).strftime("%Y-%m-%dT%H:%M:%S")
         done = run(
-            ["podman", "events", "--since", since, "--stream=false", "--format", "json",
-             "--filter", f"label={RUN_LABEL}={self.run_id}", "--filter", "type=container"],
-            env=self.env, check=False, timeout=60,
+            [
+                "podman",
+                "events",
+                "--since",
+                since,
+                "--stream=false",
+                "--format",
+                "json",
+                "--filter",
+                f"label={RUN_LABEL}={self.run_id}",
+                "--filter",
+                "type=container",
+            ],
+            env=self.env,
+            check=False,
+            timeout=60,
         )
         events = []
         for line in done.stdout.splitlines():
@@ -286,11 +326,15 @@ class PodmanEngine:
                 continue
             wall = _parse_time(raw["Time"])
             exit_code = raw.get("ContainerExitCode")
-            events.append(EngineEvent(
-                mono=wall - self._clock_offset, wall=wall,
-                pod=str(raw.get("Name", "")).rsplit("-", 1)[0], kind=str(raw.get("Status", "")),
-                detail="" if exit_code is None else f"exit {exit_code}",
-            ))
+            events.append(
+                EngineEvent(
+                    mono=wall - self._clock_offset,
+                    wall=wall,
+                    pod=str(raw.get("Name", "")).rsplit("-", 1)[0],
+                    kind=str(raw.get("Status", "")),
+                    detail="" if exit_code is None else f"exit {exit_code}",
+                )
+            )
         return events
 
 
@@ -363,25 +407,38 @@ def remove_run(env: dict[str, str], run_id: str) -> None:
     if pods.stdout.split():
         # Killing first is much faster than `pod rm -f -t 0` alone (seconds per pod).
         run(["podman", "pod", "kill", *pods.stdout.split()], env=env, check=False, timeout=300)
-        run(["podman", "pod", "rm", "-f", "-t", "0", *pods.stdout.split()], env=env,
-            check=False, timeout=300)
+        run(
+            ["podman", "pod", "rm", "-f", "-t", "0", *pods.stdout.split()],
+            env=env,
+            check=False,
+            timeout=300,
+        )
     ctrs = run(["podman", "ps", "-aq", "--filter", label], env=env, check=False)
     if ctrs.stdout.split():
-        run(["podman", "rm", "-f", "-t", "0", *ctrs.stdout.split()], env=env, check=False,
-            timeout=300)
+        run(
+            ["podman", "rm", "-f", "-t", "0", *ctrs.stdout.split()],
+            env=env,
+            check=False,
+            timeout=300,
+        )
     run(["podman", "volume", "prune", "-f", "--filter", label], env=env, check=False)
     images = run(["podman", "images", "-q", "--filter", label], env=env, check=False)
     if images.stdout.split():
-        run(["podman", "rmi", "-f", *sorted(set(images.stdout.split()))], env=env, check=False,
-            timeout=300)
+        run(
+            ["podman", "rmi", "-f", *sorted(set(images.stdout.split()))],
+            env=env,
+            check=False,
+            timeout=300,
+        )
 
 
 def labeled_runs(env: dict[str, str]) -> set[str]:
     """Run ids that still have pods, containers or images on this machine."""
     found: set[str] = set()
     for argv in (["podman", "pod", "ps"], ["podman", "ps", "-a"], ["podman", "images"]):
-        done = run([*argv, "--filter", f"label={RUN_LABEL}", "--format", "json"], env=env,
-                   check=False)
+        done = run(
+            [*argv, "--filter", f"label={RUN_LABEL}", "--format", "json"], env=env, check=False
+        )
         for item in json.loads(done.stdout or "[]") or []:
             labels = item.get("Labels") or {}
             if RUN_LABEL in labels:

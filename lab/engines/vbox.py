@@ -621,7 +621,7 @@ class VboxEngine:
         """Power a VM off (bounded), unregister it with its disks, close its seed ISO."""
         info = self._vm_info(vm)
         if info.get("VMState") in LIVE_STATES:
-            pass
+            self._vbox(["controlvm", vm, "poweroff"], check=False)
 
             def off() -> tuple[bool, str]:
                 state = self._vm_info(vm).get("VMState", "unknown")

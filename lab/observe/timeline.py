@@ -56,8 +56,7 @@ class Observer:
     def log_events(self) -> list[TimelineEvent]:
         self.binder_log.poll()
         return [
-            TimelineEvent(t=self.mono(e.wall) - self.origin, kind=e.kind, job=e.job,
-                          detail=e.line)
+            TimelineEvent(t=self.mono(e.wall) - self.origin, kind=e.kind, job=e.job, detail=e.line)
             for e in self.binder_log.events
         ]
 
@@ -119,14 +118,23 @@ class Observer:
         events = list(self.own) + self.log_events()
         for record in self.submissions():
             if not record.get("ok", True):
-                events.append(TimelineEvent(
-                    t=float(str(record["mono"])) - self.origin, kind="hook_failed",
-                    job=str(record.get("job", "")), detail=str(record.get("error", ""))[:200]))
+                events.append(
+                    TimelineEvent(
+                        t=float(str(record["mono"])) - self.origin,
+                        kind="hook_failed",
+                        job=str(record.get("job", "")),
+                        detail=str(record.get("error", ""))[:200],
+                    )
+                )
         for event in self.engine.events():
             if event.kind in ("start", "died"):
-                events.append(TimelineEvent(
-                    t=event.mono - self.origin, kind=f"container_{event.kind}",
-                    detail=f"{event.pod} {event.detail}".strip()))
+                events.append(
+                    TimelineEvent(
+                        t=event.mono - self.origin,
+                        kind=f"container_{event.kind}",
+                        detail=f"{event.pod} {event.detail}".strip(),
+                    )
+                )
         return sorted(events, key=lambda e: e.t)
 
     def pool(self, events: list[TimelineEvent] | None = None) -> list[PoolSample]:

@@ -31,18 +31,29 @@ class Metric(BaseModel):
 
     @classmethod
     def of(
-        cls, values: list[float], unit: str, better: Literal["lower", "higher"] = "lower",
-        note: str = "", valid: bool = True,
+        cls,
+        values: list[float],
+        unit: str,
+        better: Literal["lower", "higher"] = "lower",
+        note: str = "",
+        valid: bool = True,
     ) -> Metric:
         if not values:
             return cls(unit=unit, better=better, n=0, note=note or "no samples", valid=False)
         ordered = sorted(values)
         return cls(
-            unit=unit, better=better, n=len(values), values=list(values),
-            median=statistics.median(ordered), p95=percentile(ordered, 95),
-            max=ordered[-1], min=ordered[0], mean=statistics.fmean(ordered),
+            unit=unit,
+            better=better,
+            n=len(values),
+            values=list(values),
+            median=statistics.median(ordered),
+            p95=percentile(ordered, 95),
+            max=ordered[-1],
+            min=ordered[0],
+            mean=statistics.fmean(ordered),
             stdev=statistics.stdev(ordered) if len(ordered) > 1 else 0.0,
-            note=note, valid=valid,
+            note=note,
+            valid=valid,
         )
 
 

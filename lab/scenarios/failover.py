@@ -35,32 +35,35 @@ def _new_job_ready_after(observer: Observer, moment: float) -> bool:
 def run_failover(lab: Lab, observer: Observer, outcomes: dict[str, str]) -> dict[str, Metric]:
     settings = lab.scenario.failover
     metrics: dict[str, list[float]] = {
-        "kill_ready_recovery_s": [], "kill_busy_recovery_s": [],
-        "binder_restart_answer_s": [], "binder_restart_pool_s": [],
+        "kill_ready_recovery_s": [],
+        "kill_busy_recovery_s": [],
+        "binder_restart_answer_s": [],
+        "binder_restart_pool_s": [],
     }
     for rep in range(1, settings.repetitions + 1):
         _settle(lab)
         if settings.kill_ready:
             log.info("failover %d/%d: killing a READY worker", rep, settings.repetitions)
             result = kill_ready(lab, observer)
-            _record(metrics["kill_ready_recovery_s"], outcomes, f"failover.kill_ready.{rep}",
-                    result)
+            _record(
+                metrics["kill_ready_recovery_s"], outcomes, f"failover.kill_ready.{rep}", result
+            )
             _settle(lab)
         if settings.kill_busy:
-            log.info("failover %d/%d: killing a BUSY worker mid-request", rep,
-                     settings.repetitions)
+            log.info("failover %d/%d: killing a BUSY worker mid-request", rep, settings.repetitions)
             result = kill_busy(lab, observer, outcomes, rep)
-            _record(metrics["kill_busy_recovery_s"], outcomes, f"failover.kill_busy.{rep}",
-                    result)
+            _record(metrics["kill_busy_recovery_s"], outcomes, f"failover.kill_busy.{rep}", result)
             _settle(lab)
         if settings.restart_binder:
-            log.info("failover %d/%d: killing and restarting the binder", rep,
-                     settings.repetitions)
+            log.info("failover %d/%d: killing and restarting the binder", rep, settings.repetitions)
             answer, pool = restart_binder(lab, observer, outcomes, rep)
-            _record(metrics["binder_restart_answer_s"], outcomes,
-                    f"failover.binder_answer.{rep}", answer)
-            _record(metrics["binder_restart_pool_s"], outcomes, f"failover.binder_pool.{rep}",
-                    pool)
+            _record(
+                metrics["binder_restart_answer_s"],
+                outcomes,
+                f"failover.binder_answer.{rep}",
+                answer,
+            )
+            _record(metrics["binder_restart_pool_s"], outcomes, f"failover.binder_pool.{rep}", pool)
     return {name: Metric.of(values, "s") for name, values in metrics.items()}
 
 
@@ -109,8 +112,10 @@ def kill_ready(lab: Lab, observer: Observer) -> float | str:
                 return waited.reached - killed_at
         time.sleep(1.0)
     summary = ", ".join(f"{n} {kind}" for kind, n in sorted(seen.items()))
-    return (f"not recovered in {lab.scenario.deadlines.recovery_s:.0f} s: no replacement job "
-            f"READY; probes: {summary}")
+    return (
+        f"not recovered in {lab.scenario.deadlines.recovery_s:.0f} s: no replacement job "
+        f"READY; probes: {summary}"
+    )
 
 
 def kill_busy(lab: Lab, observer: Observer, outcomes: dict[str, str], rep: int) -> float | str:
@@ -136,8 +141,9 @@ def kill_busy(lab: Lab, observer: Observer, outcomes: dict[str, str], rep: int) 
     finally:
         held.close()
     outcomes[f"failover.kill_busy.{rep}.client_saw"] = seen
-    waited = wait_ready(lab, lab.scenario.binder.pool.min_pool_size,
-                        lab.scenario.deadlines.recovery_s)
+    waited = wait_ready(
+        lab, lab.scenario.binder.pool.min_pool_size, lab.scenario.deadlines.recovery_s
+    )
     if waited.reached is None:
         return f"not recovered in {lab.scenario.deadlines.recovery_s:.0f} s: {waited.last_seen}"
     return waited.reached - killed_at
@@ -156,15 +162,21 @@ def restart_binder(
     restarted = lab.binder.start_pod()
     answered = wait_answering(lab, lab.scenario.deadlines.recovery_s)
     answer: float | str = (
-        answered.reached - restarted if answered.reached is not None
-        else f"no answer in {lab.scenario.deadlines.recovery_s:.0f} s: {answered.last_seen}")
-    waited = wait_ready(lab, lab.scenario.binder.pool.min_pool_size,
-                        lab.scenario.deadlines.recovery_s)
+        answered.reached - restarted
+        if answered.reached is not None
+        else f"no answer in {lab.scenario.deadlines.recovery_s:.0f} s: {answered.last_seen}"
+    )
+    waited = wait_ready(
+        lab, lab.scenario.binder.pool.min_pool_size, lab.scenario.deadlines.recovery_s
+    )
     pool: float | str = (
-        waited.reached - restarted if waited.reached is not None
-        else f"not full in {lab.scenario.deadlines.recovery_s:.0f} s: {waited.last_seen}")
+        waited.reached - restarted
+        if waited.reached is not None
+        else f"not full in {lab.scenario.deadlines.recovery_s:.0f} s: {waited.last_seen}"
+    )
     alive = {p.name for p in lab.engine.pods({"lab.role": "worker"}) if p.phase == "Running"}
     outcomes[f"failover.binder_restart.{rep}.old_workers"] = (
         f"{len(before & alive)} of {len(before)} worker pods from before the kill still running "
-        f"when the pool was back")
+        f"when the pool was back"
+    )
     return answer, pool

@@ -40,7 +40,8 @@ def run_refill(lab: Lab, observer: Observer, outcomes: dict[str, str]) -> dict[s
         waited = wait_ready(lab, size, deadline)
         if waited.reached is None:
             outcomes[f"refill.cold_fill.{rep}"] = (
-                f"not full in {deadline:.0f} s: {waited.last_seen}")
+                f"not full in {deadline:.0f} s: {waited.last_seen}"
+            )
             continue
         cold.append(waited.reached - started)
         # Worker logs settle a moment after the binder counts them READY.
@@ -91,6 +92,8 @@ def drain_and_refill(lab: Lab, observer: Observer, clients: int, hold_s: float) 
     observer.note("fault", f"{len(held)} clients let go", at=released[0] if held else None)
     waited = wait_ready(lab, size, lab.scenario.deadlines.recovery_s)
     if waited.reached is None:
-        return (f"not refilled in {lab.scenario.deadlines.recovery_s:.0f} s after the clients "
-                f"let go: {waited.last_seen}")
+        return (
+            f"not refilled in {lab.scenario.deadlines.recovery_s:.0f} s after the clients "
+            f"let go: {waited.last_seen}"
+        )
     return waited.reached - max(released)

@@ -18,7 +18,8 @@ from lab.errors import LabError
 from lab.lab import Lab
 from lab.observe.timeline import Observer
 from lab.proc import run
-from lab.report.results import Metric, Results, RunMeta
+from lab.report.html import write_report
+from lab.report.results import Metric, Results, RunMeta, ThroughputLevel
 from lab.scenarios.failover import run_failover
 from lab.scenarios.refill import run_refill
 from lab.scenarios.schema import Scenario
@@ -40,13 +41,16 @@ def run_suite(
 ) -> tuple[Results, Path]:
     """Run every enabled scenario of the suite on a fresh lab; return results and their path."""
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    with Lab(scenario, binder_home=binder_home, engine=engine, runs_root=runs_root,
-             keep=keep) as the_lab:
-        results = measure(the_lab, scenario_file=scenario_file, scenario_hash=scenario_hash,
-                          started=started)
+    with Lab(
+        scenario, binder_home=binder_home, engine=engine, runs_root=runs_root, keep=keep
+    ) as the_lab:
+        results = measure(
+            the_lab, scenario_file=scenario_file, scenario_hash=scenario_hash, started=started
+        )
         report_dir = reports_root / the_lab.run_id
         path = results.write(report_dir)
         keep_artifacts(the_lab.run_dir, report_dir)
+        write_report(report_dir, results)
     return results, path
 
 
@@ -55,15 +59,20 @@ def measure(lab: Lab, *, scenario_file: str, scenario_hash: str, started: str) -
     observer = Observer(lab.run_dir, lab.engine)
     outcomes: dict[str, str] = {}
     meta = RunMeta(
-        run_id=lab.run_id, started=started, engine=lab.engine.name,
-        engine_version=engine_version(lab.engine.name), machine=machine(),
-        binder=lab.binder.kind, scenario_file=scenario_file, scenario_hash=scenario_hash,
+        run_id=lab.run_id,
+        started=started,
+        engine=lab.engine.name,
+        engine_version=engine_version(lab.engine.name),
+        machine=machine(),
+        binder="real" if lab.binder.kind == "real" else "standin",
+        scenario_file=scenario_file,
+        scenario_hash=scenario_hash,
         lab_version=lab_package.__version__,
     )
     refill: dict[str, Metric] = {}
     failover: dict[str, Metric] = {}
     throughput: dict[str, Metric] = {}
-    levels = []
+    levels: list[ThroughputLevel] = []
     try:
         lab.up()
         meta.binder_version = lab.binder.image_hash
@@ -84,8 +93,13 @@ def measure(lab: Lab, *, scenario_file: str, scenario_hash: str, started: str) -
     meta.finished = datetime.now(UTC).isoformat(timespec="seconds")
     events = observer.timeline()
     return Results(
-        meta=meta, refill=refill, failover=failover, throughput=throughput,
-        throughput_levels=levels, outcomes=outcomes, timeline=events,
+        meta=meta,
+        refill=refill,
+        failover=failover,
+        throughput=throughput,
+        throughput_levels=levels,
+        outcomes=outcomes,
+        timeline=events,
         pool=observer.pool(events),
     )
 
@@ -108,35 +122,58 @@ def engine_version(name: str) -> str:
 def machine() -> dict[str, str | int | float]:
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return {
-        "host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count() or 0,
-        "memory_gib": round(pages / 2**30, 1), "python": platform.python_version(),
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count() or 0,
+        "memory_gib": round(pages / 2**30, 1),
+        "python": platform.python_version(),
     }
 
 
 def summary_table(results: Results) -> Table:
     meta = results.meta
-    title = (f"run {meta.run_id}: {meta.binder} binder on {meta.engine}"
-             f"{'' if meta.valid else ' — INVALID: ' + '; '.join(meta.invalid_reasons)}")
+    title = (
+        f"run {meta.run_id}: {meta.binder} binder on {meta.engine}"
+        f"{'' if meta.valid else ' — INVALID: ' + '; '.join(meta.invalid_reasons)}"
+    )
     table = Table(title=title)
     for column in ("metric", "n", "median", "p95", "max", "unit"):
         table.add_column(column, justify="right" if column != "metric" else "left")
     for name, metric in results.metrics().items():
-        table.add_row(name, str(metric.n), _fmt(metric.median), _fmt(metric.p95),
-                      _fmt(metric.max), metric.unit)
+        table.add_row(
+            name,
+            str(metric.n),
+            _fmt(metric.median),
+            _fmt(metric.p95),
+            _fmt(metric.max),
+            metric.unit,
+        )
     return table
 
 
 def levels_table(results: Results) -> Table:
     table = Table(title="throughput by concurrency")
-    for column in ("clients", "ok/s", "p50 ms", "p95 ms", "p99 ms", "refused", "errors",
-                   "loadgen cpu"):
+    for column in (
+        "clients",
+        "ok/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "refused",
+        "errors",
+        "loadgen cpu",
+    ):
         table.add_column(column, justify="right")
     for level in results.throughput_levels:
         errors = ", ".join(f"{k} {v}" for k, v in level.errors.items()) or "0"
         table.add_row(
-            str(level.concurrency), f"{level.rate:.1f}", _fmt(level.latency_ms.get("p50")),
-            _fmt(level.latency_ms.get("p95")), _fmt(level.latency_ms.get("p99")),
-            str(level.refusals), errors,
+            str(level.concurrency),
+            f"{level.rate:.1f}",
+            _fmt(level.latency_ms.get("p50")),
+            _fmt(level.latency_ms.get("p95")),
+            _fmt(level.latency_ms.get("p99")),
+            str(level.refusals),
+            errors,
             f"{level.loadgen_cpu:.0%}{' SATURATED' if level.saturated else ''}",
         )
     return table

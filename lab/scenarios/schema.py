@@ -27,7 +27,7 @@ class PoolSettings(Strict):
 
 class BinderSettings(Strict):
     ces: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_CE))
-    pool: PoolSettings = Field(default_factory=PoolSettings)
+    pool: PoolSettings = PoolSettings()
     status_interval_s: int = Field(1, ge=1, le=600, description="HTMLFileCreationInterval")
     # Raw binder.properties keys; only keys WorkBinder knows are accepted.
     properties: dict[str, str | int | float] = Field(default_factory=dict)
@@ -101,13 +101,13 @@ class Scenario(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,40}$")
     description: str = ""
     engine: Literal["podman", "kind", "vbox"] = "podman"
-    binder: BinderSettings = Field(default_factory=BinderSettings)
-    worker: WorkerSettings = Field(default_factory=WorkerSettings)
-    standin: StandinSettings = Field(default_factory=StandinSettings)
-    deadlines: Deadlines = Field(default_factory=Deadlines)
-    refill: RefillSettings = Field(default_factory=RefillSettings)
-    failover: FailoverSettings = Field(default_factory=FailoverSettings)
-    throughput: ThroughputSettings = Field(default_factory=ThroughputSettings)
+    binder: BinderSettings = BinderSettings()
+    worker: WorkerSettings = WorkerSettings()
+    standin: StandinSettings = StandinSettings()
+    deadlines: Deadlines = Deadlines()
+    refill: RefillSettings = RefillSettings()
+    failover: FailoverSettings = FailoverSettings()
+    throughput: ThroughputSettings = ThroughputSettings()
 
 
 def load_scenario(path: Path) -> tuple[Scenario, str]:

@@ -21,38 +21,48 @@ log = logging.getLogger(__name__)
 SATURATED_CPU = 0.9  # share of one core
 
 
-def run_throughput(
-    lab: Lab, observer: Observer
-) -> tuple[dict[str, Metric], list[ThroughputLevel]]:
+def run_throughput(lab: Lab, observer: Observer) -> tuple[dict[str, Metric], list[ThroughputLevel]]:
     settings = lab.scenario.throughput
     levels: list[ThroughputLevel] = []
     for concurrency in settings.concurrency:
         log.info("throughput: %d clients for %.0f s", concurrency, settings.duration_s)
         observer.note("load", f"{concurrency} clients start")
-        level = measure_level(lab, concurrency, settings.duration_s,
-                              settings.retry_after_refusal_ms / 1000)
+        level = measure_level(
+            lab, concurrency, settings.duration_s, settings.retry_after_refusal_ms / 1000
+        )
         observer.note("load", f"{concurrency} clients stop: {level.rate:.1f} ok/s")
         levels.append(level)
     valid = [lv for lv in levels if not lv.saturated]
     best = max(valid, key=lambda lv: lv.rate, default=None)
     metrics = {
         "peak_rate_per_s": Metric.of(
-            [best.rate] if best else [], "1/s", better="higher",
-            note=f"at {best.concurrency} clients" if best else "every level saturated"),
+            [best.rate] if best else [],
+            "1/s",
+            better="higher",
+            note=f"at {best.concurrency} clients" if best else "every level saturated",
+        ),
         "latency_p50_ms": Metric.of(
-            [lv.latency_ms["p50"] for lv in valid if "p50" in lv.latency_ms], "ms"),
+            [lv.latency_ms["p50"] for lv in valid if "p50" in lv.latency_ms], "ms"
+        ),
         "latency_p99_ms": Metric.of(
-            [lv.latency_ms["p99"] for lv in valid if "p99" in lv.latency_ms], "ms"),
+            [lv.latency_ms["p99"] for lv in valid if "p99" in lv.latency_ms], "ms"
+        ),
     }
     return metrics, levels
 
 
 def measure_level(lab: Lab, concurrency: int, duration: float, retry: float) -> ThroughputLevel:
     cpu_before, wall_before = time.process_time(), time.monotonic()
-    outcomes = asyncio.run(closed_loop(
-        "127.0.0.1", lab.binder.endpoint.port, clients=concurrency, duration=duration,
-        retry_delay=retry, deadline=5.0,
-    ))
+    outcomes = asyncio.run(
+        closed_loop(
+            "127.0.0.1",
+            lab.binder.endpoint.port,
+            clients=concurrency,
+            duration=duration,
+            retry_delay=retry,
+            deadline=5.0,
+        )
+    )
     elapsed = time.monotonic() - wall_before
     cpu = (time.process_time() - cpu_before) / elapsed if elapsed > 0 else 0.0
     ok = sorted(o.latency * 1000 for o in outcomes if isinstance(o, Success))
@@ -62,7 +72,13 @@ def measure_level(lab: Lab, concurrency: int, duration: float, retry: float) -> 
             errors[outcome.KIND] = errors.get(outcome.KIND, 0) + 1
     latency = {f"p{p}": percentile(ok, p) for p in (50, 95, 99)} if ok else {}
     return ThroughputLevel(
-        concurrency=concurrency, duration_s=elapsed, ok=len(ok), rate=len(ok) / elapsed,
-        latency_ms=latency, refusals=sum(1 for o in outcomes if o.KIND == "refused"),
-        errors=errors, loadgen_cpu=round(cpu, 3), saturated=cpu >= SATURATED_CPU,
+        concurrency=concurrency,
+        duration_s=elapsed,
+        ok=len(ok),
+        rate=len(ok) / elapsed,
+        latency_ms=latency,
+        refusals=sum(1 for o in outcomes if o.KIND == "refused"),
+        errors=errors,
+        loadgen_cpu=round(cpu, 3),
+        saturated=cpu >= SATURATED_CPU,
     )
