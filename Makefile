@@ -6,12 +6,13 @@ PYTHON    ?= python3
 SCENARIO  ?= scenarios/smoke.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup system lab test test-lab bench lint clean help
+.PHONY: setup system lab test test-lab bench gate-check lint clean help
 
 help:
 	@echo "make lab    bring up the embedded lab and run the smoke scenario suite"
 	@echo "make test   run the test suite (what CI runs)"
 	@echo "make bench  print bring-up and load-generator figures"
+	@echo "make gate-check  5 baseline runs, 10 unchanged and 10 slowed: the gate's counts"
 	@echo "make lint   ruff and mypy"
 	@echo "make clean  remove every lab left on this machine"
 
@@ -37,6 +38,9 @@ test-lab: setup
 
 bench: setup
 	$(BIN)/python -m lab.bench
+
+gate-check: setup
+	scripts/gate-check $(SCENARIO)
 
 lint: setup
 	$(BIN)/ruff check lab tests

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import socket
 import time
@@ -56,6 +57,21 @@ class BinderEndpoint:
     port: int
     admin_port: int
     ces: dict[str, str] = field(default_factory=dict)
+
+
+SLOWDOWN_ENV = "LAB_STANDIN_SLOWDOWN"
+
+
+def standin_slowdown() -> float:
+    """A factor on every stand-in delay: a deliberate regression, to check the gate."""
+    text = os.environ.get(SLOWDOWN_ENV, "1")
+    try:
+        factor = float(text)
+    except ValueError:
+        factor = 0.0
+    if not 0.1 <= factor <= 10:
+        raise LabError(f"{SLOWDOWN_ENV}={text!r}: give a factor between 0.1 and 10, e.g. 1.2")
+    return factor
 
 
 class BinderDeployment:
@@ -174,6 +190,16 @@ class BinderDeployment:
             }
         )
         standin = self.scenario.standin
+        slow = standin_slowdown()
+        if slow != 1.0:
+            standin = standin.model_copy(update={
+                "first_submit_delay_ms": round(standin.first_submit_delay_ms * slow),
+                "refill_tick_ms": round(standin.refill_tick_ms * slow),
+                "worker_start_delay_ms": round(standin.worker_start_delay_ms * slow),
+                "reconnect_delay_ms": round(standin.reconnect_delay_ms * slow),
+            })
+            log.warning("the stand-in's delays are %.0f %% of the scenario's (%s)",
+                        slow * 100, SLOWDOWN_ENV)
         if self.kind == "standin":
             binder.update(
                 {
