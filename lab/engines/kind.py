@@ -2,8 +2,9 @@
 
 Set-up (cluster, readiness, images, the run's namespace and rights) goes through the
 `kind`, `kubectl` and `docker` commands. Inside timed windows the engine talks to the API
-server in process (lightkube), and every wait is a bounded watch. Faults on nodes and
-containers go through Docker's API (docker-py).
+server in process (lightkube), as every cluster engine does (`lab.engines.cluster`), and
+every wait is a bounded watch. Faults on nodes and containers go through Docker's API
+(docker-py).
 """
 
 from __future__ import annotations
@@ -20,14 +21,12 @@ import docker
 import yaml
 
 from lab.engines import k8s_objects as objects
-from lab.engines.base import EngineEvent, PodInfo
+from lab.engines.cluster import ClusterEngine
 from lab.engines.images import PACKAGES
 from lab.engines.kind_preflight import preflight
 from lab.engines.kind_release import DEFAULT_KUBERNETES, find_kind
 from lab.engines.kind_release import node_image as pinned_node_image
-from lab.engines.kube_api import KubeApi, PodMap, PodWatcher, pod_info, summary
 from lab.errors import CommandFailed, LabError, ManifestError, WaitTimeout
-from lab.manifest import check_pod_manifest
 from lab.ports import free_port
 from lab.proc import require_tool, run
 from lab.run import RUN_LABEL, RunRecord, state_dir
@@ -97,10 +96,16 @@ class KindOptions:
         return self
 
 
-class KindEngine:
+class KindEngine(ClusterEngine):
     """Runs a lab's pods on a kind cluster made for the run (or reused by name)."""
 
     name = "kind"
+    msg_unreachable = "a kind node"
+    msg_host_network = "on kind is a node's"
+    msg_unshared = (
+        "is not shared with the kind nodes: build it with the engine's manifest_options(), "
+        "which moves files to a ConfigMap"
+    )
 
     def __init__(
         self,
@@ -136,9 +141,7 @@ class KindEngine:
                 f"unknown kind engine option {', '.join(sorted(unknown))}: choose from "
                 f"{', '.join(f.name for f in fields(KindOptions))}"
             )
-        self.run_id = run_id
-        self.run_dir = Path(run_dir).resolve()
-        self.options = KindOptions(
+        options = KindOptions(
             nodes=nodes,
             kubernetes_version=kubernetes_version,
             node_image=node_image,
@@ -152,20 +155,16 @@ class KindEngine:
             api_transport=api_transport,
             docker_client=docker_client,
         ).check()
+        super().__init__(run_id, run_dir, options.api_transport)
+        self.options = options
         self.cluster = check_cluster_name(self.options.cluster or cluster_name_for(run_id))
-        self.namespace = objects.run_namespace(run_id)
         self.node_image = node_image or pinned_node_image(kubernetes_version)
-        self.work = self.run_dir / "kind"
-        self.kubeconfig = self.work / "kubeconfig"
         self.kind = ""
         self.kubectl = ""
         self.host_port = self.options.host_port
         # This run made the cluster, so this run deletes it; a mark in the run folder
         # tells a later process (`lab down`) the same.
         self.created = (self.work / "created").exists()
-        self.record: RunRecord | None = None
-        self._api: KubeApi | None = None
-        self._watcher: PodWatcher | None = None
         self._docker: docker.DockerClient | None = self.options.docker_client
 
     # -- bring-up ----------------------------------------------------------------------
@@ -332,19 +331,11 @@ class KindEngine:
             interval=0.5,
         )
 
-    def _start_watch(self) -> None:
-        self._watcher = PodWatcher(self.api, {RUN_LABEL: self.run_id})
-        self._watcher.start()
+    def _not_up(self) -> str:
+        return f"kind cluster {self.cluster} is not up: call up() first"
 
-    @property
-    def api(self) -> KubeApi:
-        if self._api is None:
-            if not self.kubeconfig.exists():
-                raise LabError(f"kind cluster {self.cluster} is not up: call up() first")
-            self._api = KubeApi(
-                self.kubeconfig, self.namespace, transport=self.options.api_transport
-            )
-        return self._api
+    def _pod_wait_s(self) -> float:
+        return self.options.wait_timeout_s
 
     # -- images ------------------------------------------------------------------------
 
@@ -436,159 +427,16 @@ class KindEngine:
 
     # -- pods ----------------------------------------------------------------------------
 
-    def manifest_options(self, mounts: dict[str, str] | None = None) -> dict[str, Any]:
-        """pod_manifest keywords that fit this engine, from podman-style `mounts`.
-
-        Files become keys of the run's ConfigMap (created here, from their current text);
-        folders under the run folder stay hostPath volumes, which the nodes share with the
-        host; anything else is refused.
-        """
-        files: dict[str, str] = {}
-        config_files: dict[str, str] = {}
-        folders: dict[str, str] = {}
-        for host_path, pod_path in sorted((mounts or {}).items()):
-            path = Path(host_path)
-            if path.is_file():
-                key = re.sub(r"[^-._a-zA-Z0-9]+", "_", path.name)
-                if key in files and files[key] != path.read_text():
-                    key = f"{len(files)}-{key}"
-                files[key] = path.read_text()
-                config_files[key] = pod_path
-            elif self._shared(path):
-                folders[host_path] = pod_path
-            else:
-                raise ManifestError(
-                    f"hostPath {host_path} cannot reach a kind node: put it under the run "
-                    f"folder {self.run_dir}, or make it a file for the ConfigMap"
-                )
-        params: dict[str, Any] = {
-            "host_network": False,
-            "namespace": self.namespace,
-            "mounts": folders,
-        }
-        if files:
-            self.put_config(files)
-            params.update(config_map=objects.CONFIG_MAP, config_files=config_files)
-        return params
-
-    def put_config(self, files: dict[str, str]) -> str:
-        """Create or update the run's ConfigMap with these files; return its name."""
-        self.api.apply(objects.config_map(self.run_id, files))
-        return objects.CONFIG_MAP
-
     def _shared(self, path: Path) -> bool:
-        return (
-            self.options.share_run_dir
-            and self.created
-            and path.resolve().is_relative_to(self.run_dir)
-        )
+        """Only a cluster this run made mounts the run folder into its nodes."""
+        return self.options.share_run_dir and self.created and super()._shared(path)
 
     def _check_fits(self, manifest: dict[str, Any]) -> None:
-        spec = manifest["spec"]
+        super()._check_fits(manifest)
         name = manifest["metadata"]["name"]
-        if spec.get("hostNetwork"):
-            raise ManifestError(
-                f"pod {name} asks for the host network, which on kind is a node's: build it "
-                "with the engine's manifest_options() (its Service is the binder's address)"
-            )
-        for volume in spec.get("volumes") or []:
-            host = (volume.get("hostPath") or {}).get("path")
-            if host and not self._shared(Path(host)):
-                raise ManifestError(
-                    f"pod {name}: hostPath {host} is not shared with the kind nodes: build it "
-                    "with the engine's manifest_options(), which moves files to a ConfigMap"
-                )
         namespace = manifest["metadata"].get("namespace", self.namespace)
         if namespace != self.namespace:
             raise ManifestError(f"pod {name} is for namespace {namespace}, not {self.namespace}")
-
-    def apply(self, manifest: dict[str, Any]) -> None:
-        """Create a worker's pod; a binder's becomes a Deployment behind its Service."""
-        check_pod_manifest(manifest)
-        self._check_fits(manifest)
-        manifest = {**manifest, "metadata": {**manifest["metadata"], "namespace": self.namespace}}
-        if manifest["metadata"]["labels"].get("lab.role") != "binder":
-            log.debug("creating pod %s", manifest["metadata"]["name"])
-            self.api.create_pod(manifest)
-            return
-        ports = [p for c in manifest["spec"]["containers"] for p in c.get("ports") or []]
-        if not ports:
-            raise ManifestError(
-                f"binder pod {manifest['metadata']['name']} names no container port: build it "
-                "with ports={'binder': <its ListeningPort>}"
-            )
-        # Its submit hook creates the workers' pods with this account's token.
-        spec = {k: v for k, v in manifest["spec"].items() if k != "automountServiceAccountToken"}
-        spec["serviceAccountName"] = objects.BINDER_ACCOUNT
-        log.info("deploying the binder as Deployment and Service %s", objects.BINDER)
-        self.api.apply(objects.deployment({**manifest, "spec": spec}))
-        self.api.apply(objects.service(self.run_id, int(ports[0]["containerPort"])))
-
-    def pods(self, selector: dict[str, str] | None = None) -> list[PodInfo]:
-        found = self.api.pods({RUN_LABEL: self.run_id, **(selector or {})})
-        return [pod_info(pod) for _, pod in sorted(found.items())]
-
-    def _resolve(self, name: str) -> dict[str, Any]:
-        """A pod by its name, or by the Pod manifest name its Deployment was made from."""
-        pod = self.api.pod(name)
-        if pod is not None:
-            return pod
-        made = self.api.pods({RUN_LABEL: self.run_id, objects.NAME_LABEL: name})
-        live = [p for p in made.values() if not (p["metadata"].get("deletionTimestamp"))]
-        if not live:
-            raise LabError(f"no pod {name} in namespace {self.namespace}: see `pods()`")
-        return live[0]
-
-    def wait_pods(
-        self, what: str, selector: dict[str, str], count: int, timeout: float | None = None
-    ) -> list[PodInfo]:
-        """Wait until `count` pods matching `selector` are Running."""
-
-        def enough(pods: PodMap) -> tuple[bool, str]:
-            running = [p for p in pods.values() if pod_info(p).phase == "Running"]
-            return len(running) >= count, summary(pods)
-
-        found = self.api.wait_pods(
-            what,
-            enough,
-            labels={RUN_LABEL: self.run_id, **selector},
-            timeout=timeout or self.options.wait_timeout_s,
-        )
-        return [pod_info(pod) for _, pod in sorted(found.items())]
-
-    def delete(self, pod: str) -> None:
-        """Remove a pod at once and wait until it is gone.
-
-        The binder's pod belongs to a Deployment that would bring it back, so naming the
-        binder's Pod manifest removes its Deployment and Service instead.
-        """
-        made_from = {RUN_LABEL: self.run_id, objects.NAME_LABEL: pod}
-        if self.api.pod(pod) is None and self.api.pods(made_from):
-            self.api.delete("Deployment", objects.BINDER, grace_s=None)
-            self.api.delete("Service", objects.BINDER, grace_s=None)
-            self._wait_gone(made_from, None, pod)
-            return
-        if self.api.delete("Pod", pod, grace_s=0):
-            self._wait_gone(None, {"metadata.name": pod}, pod)
-
-    def _wait_gone(
-        self, labels: dict[str, str] | None, field: dict[str, str] | None, pod: str
-    ) -> None:
-        self.api.wait_pods(
-            f"pod {pod} to be gone",
-            lambda pods: (not pods, summary(pods)),
-            labels=labels,
-            fields=field,
-            timeout=self.options.wait_timeout_s,
-        )
-
-    def logs(self, pod: str) -> str:
-        found = self._resolve(pod)
-        containers = [c["name"] for c in found["spec"]["containers"]]
-        return "".join(self.api.log(found["metadata"]["name"], c) for c in containers)
-
-    def events(self) -> list[EngineEvent]:
-        return self._watcher.events() if self._watcher is not None else []
 
     # -- faults --------------------------------------------------------------------------
 
@@ -600,14 +448,7 @@ class KindEngine:
 
     def kill(self, pod: str) -> None:
         """SIGKILL the main process of each of a pod's containers, from inside its node."""
-        found = self._resolve(pod)
-        node_name = (found.get("spec") or {}).get("nodeName")
-        statuses = (found.get("status") or {}).get("containerStatuses") or []
-        ids = [
-            str(s.get("containerID", "")).split("://")[-1] for s in statuses if s.get("containerID")
-        ]
-        if not node_name or not ids:
-            raise LabError(f"pod {pod} has no running container to kill yet: wait for it first")
+        node_name, ids = self._running_containers(pod)
         node = self.docker.containers.get(node_name)
         for container_id in ids:
             code, out = node.exec_run(
@@ -648,19 +489,7 @@ class KindEngine:
             raise LabError(f"{node} is not a node of kind cluster {self.cluster}: see nodes()")
         return self.docker.containers.get(node)
 
-    # -- what the binder needs -----------------------------------------------------------
-
-    def hook_target(self) -> dict[str, Any]:
-        """The submit hook creates pods with the binder's service account, in the run's
-        namespace."""
-        return {"kind": "kubernetes", "namespace": self.namespace, "timeout": 30}
-
-    def hook_mounts(self) -> dict[str, str]:
-        return {}  # the service account's token is mounted by Kubernetes itself
-
-    def binder_address(self) -> str:
-        """Workers reach the binder through its Service."""
-        return objects.service_host(self.run_id)
+    # -- where clients reach the binder --------------------------------------------------
 
     def client_address(self) -> tuple[str, int]:
         """Where the host's clients reach the binder: its node port, mapped to loopback."""
@@ -718,18 +547,11 @@ class KindEngine:
     def detach(self) -> None:
         """Leave the cluster up after this process exits; later sweeps leave it alone."""
         keep_marker(self.cluster).write_text(self.run_id + "\n")
-        if self._watcher is not None:
-            self._watcher.stop()
-            self._watcher = None
+        self._stop_watch()
 
     def down(self) -> None:
         """Remove the run's cluster (or, on a reused one, its namespace); safe twice."""
-        if self._watcher is not None:
-            self._watcher.stop()
-            self._watcher = None
-        if self._api is not None:
-            self._api.close()
-            self._api = None
+        self._disconnect()
         if not self.kubeconfig.exists() and not self.created:
             return
         self.kind = self.kind or find_kind()
@@ -758,11 +580,7 @@ class KindEngine:
                 "--wait=false",
                 timeout=120,
             )
-        self.kubeconfig.unlink(missing_ok=True)
-        record = self.record or RunRecord.load(self.run_id)
-        if record is not None:
-            record.forget()
-        self.record = None
+        self._forget_run()
 
 
 def _left(deadline: float) -> int:

@@ -4,8 +4,8 @@ Bring-up follows `lab.engines.vbox_plan`: VMs cloned from an Ubuntu cloud image,
 configured on first boot by a NoCloud seed (user, pinned host key, containerd, kubeadm),
 then `kubeadm init`, kube-router, `kubeadm join` with a fresh token, and the run's
 images imported into every node's containerd. Node work goes over SSH (paramiko) and is
-checked with testinfra. Once the cluster answers, pods are handled as on kind: the same
-objects from `lab.engines.k8s_objects`, through the same client in `lab.engines.kube_api`.
+checked with testinfra. Once the cluster answers, its pods are handled as on kind, by what
+every cluster engine shares (`lab.engines.cluster`).
 """
 
 from __future__ import annotations
@@ -19,14 +19,12 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import httpx2
 import yaml
 
 from lab.engines import k8s_objects as objects
-from lab.engines.base import EngineEvent, PodInfo
-from lab.engines.kube_api import KubeApi, PodMap, PodWatcher, pod_info, summary
+from lab.engines.cluster import ClusterEngine
 from lab.engines.vbox_plan import (
     ADMIN_CONF,
     IMAGE_NAME,
@@ -63,11 +61,9 @@ from lab.engines.vbox_ssh import (
 from lab.errors import (
     CommandFailed,
     LabError,
-    ManifestError,
     PreflightFailed,
     RemoteCommandFailed,
 )
-from lab.manifest import check_pod_manifest
 from lab.ports import free_port
 from lab.proc import child_env, run
 from lab.run import RUN_LABEL, RunRecord, cache_dir
@@ -81,10 +77,15 @@ JOIN_TOKEN_TTL = "1h0m0s"  # long enough for one join round; kubeadm's default i
 JOIN_COMMAND = re.compile(r"--token\s+(\S+).*--discovery-token-ca-cert-hash\s+(\S+)", re.S)
 
 
-class VboxEngine:
+class VboxEngine(ClusterEngine):
     """Runs a lab's pods on a kubeadm cluster of VirtualBox VMs made for the run."""
 
     name = "vbox"
+    msg_unreachable = "a VM"
+    msg_host_network = "here is a VM's"
+    msg_unshared = (
+        "is not under the run folder the VMs share: build it with the engine's manifest_options()"
+    )
 
     def __init__(
         self,
@@ -98,19 +99,11 @@ class VboxEngine:
 
         api_transport stands in for the cluster's API server in tests, as on kind.
         """
-        self.run_id = run_id
-        self.run_dir = Path(run_dir).resolve()
         parsed = VboxOptions.parse(options)
+        super().__init__(run_id, run_dir, api_transport)
         self.options = replace(parsed, image=parsed.image or str(cache_dir() / IMAGE_NAME))
-        self.namespace = objects.run_namespace(run_id)
-        self.work = self.run_dir / "vbox"
-        self.kubeconfig = self.work / "kubeconfig"
         self.plan: Plan | None = None
         self.shells: dict[str, NodeShell] = {}
-        self.record: RunRecord | None = None
-        self._api_transport = api_transport
-        self._api: KubeApi | None = None
-        self._watcher: PodWatcher | None = None
 
     # -- bring-up ----------------------------------------------------------------------
 
@@ -142,8 +135,7 @@ class VboxEngine:
             self._wait_ready(self.plan, time.monotonic() + self.options.ready_timeout_s)
             self.check_nodes()
             self._apply_base()
-            self._watcher = PodWatcher(self.api, {RUN_LABEL: self.run_id})
-            self._watcher.start()
+            self._start_watch()
         except BaseException:
             if not self.options.keep:
                 self.down()
@@ -356,6 +348,12 @@ class VboxEngine:
             raise LabError(f"the VirtualBox lab of run {self.run_id} is not up: call up() first")
         return self.plan
 
+    def _not_up(self) -> str:
+        return f"the VirtualBox lab of run {self.run_id} is not up: call up()"
+
+    def _pod_wait_s(self) -> float:
+        return self.options.ready_timeout_s
+
     # -- images ------------------------------------------------------------------------
 
     def base_image(self) -> str:
@@ -428,154 +426,17 @@ class VboxEngine:
             finally:
                 shell.run(["rm", "-f", remote], check=False)
 
-    # -- pods: the kind engine's way, on this cluster -----------------------------------
-
-    @property
-    def api(self) -> KubeApi:
-        if self._api is None:
-            if not self.kubeconfig.exists():
-                raise LabError(f"the VirtualBox lab of run {self.run_id} is not up: call up()")
-            self._api = KubeApi(self.kubeconfig, self.namespace, transport=self._api_transport)
-        return self._api
-
-    def manifest_options(self, mounts: dict[str, str] | None = None) -> dict[str, Any]:
-        """pod_manifest keywords for this cluster: files to the run's ConfigMap, folders
-        under the run folder as hostPath (the run folder is shared into every VM)."""
-        files: dict[str, str] = {}
-        config_files: dict[str, str] = {}
-        folders: dict[str, str] = {}
-        for host_path, pod_path in sorted((mounts or {}).items()):
-            path = Path(host_path)
-            if path.is_file():
-                key = re.sub(r"[^-._a-zA-Z0-9]+", "_", path.name)
-                if key in files and files[key] != path.read_text():
-                    key = f"{len(files)}-{key}"
-                files[key] = path.read_text()
-                config_files[key] = pod_path
-            elif self._shared(path):
-                folders[host_path] = pod_path
-            else:
-                raise ManifestError(
-                    f"hostPath {host_path} cannot reach a VM: put it under the run folder "
-                    f"{self.run_dir}, or make it a file for the ConfigMap"
-                )
-        params: dict[str, Any] = {
-            "host_network": False,
-            "namespace": self.namespace,
-            "mounts": folders,
-        }
-        if files:
-            self.api.apply(objects.config_map(self.run_id, files))
-            params.update(config_map=objects.CONFIG_MAP, config_files=config_files)
-        return params
-
-    def _shared(self, path: Path) -> bool:
-        return path.resolve().is_relative_to(self.run_dir)
-
-    def apply(self, manifest: dict[str, Any]) -> None:
-        """Create a worker's pod; a binder's becomes a Deployment behind its Service."""
-        check_pod_manifest(manifest)
-        name = manifest["metadata"]["name"]
-        spec = manifest["spec"]
-        if spec.get("hostNetwork"):
-            raise ManifestError(
-                f"pod {name} asks for the host network, which here is a VM's: build it with "
-                "the engine's manifest_options() (its Service is the binder's address)"
-            )
-        for volume in spec.get("volumes") or []:
-            host = (volume.get("hostPath") or {}).get("path")
-            if host and not self._shared(Path(host)):
-                raise ManifestError(
-                    f"pod {name}: hostPath {host} is not under the run folder the VMs share: "
-                    "build it with the engine's manifest_options()"
-                )
-        manifest = {**manifest, "metadata": {**manifest["metadata"], "namespace": self.namespace}}
-        if manifest["metadata"]["labels"].get("lab.role") != "binder":
-            log.debug("creating pod %s", name)
-            self.api.create_pod(manifest)
-            return
-        ports = [p for c in spec["containers"] for p in c.get("ports") or []]
-        if not ports:
-            raise ManifestError(
-                f"binder pod {name} names no container port: build it with "
-                "ports={'binder': <its ListeningPort>}"
-            )
-        log.info("deploying the binder as Deployment and Service %s", objects.BINDER)
-        self.api.apply(objects.deployment(manifest))
-        self.api.apply(objects.service(self.run_id, int(ports[0]["containerPort"])))
-
-    def pods(self, selector: dict[str, str] | None = None) -> list[PodInfo]:
-        found = self.api.pods({RUN_LABEL: self.run_id, **(selector or {})})
-        return [pod_info(pod) for _, pod in sorted(found.items())]
-
-    def _resolve(self, name: str) -> dict[str, Any]:
-        """A pod by its name, or by the Pod manifest name its Deployment was made from."""
-        pod = self.api.pod(name)
-        if pod is not None:
-            return pod
-        made = self.api.pods({RUN_LABEL: self.run_id, objects.NAME_LABEL: name})
-        live = [p for p in made.values() if not p["metadata"].get("deletionTimestamp")]
-        if not live:
-            raise LabError(f"no pod {name} in namespace {self.namespace}: see `pods()`")
-        return live[0]
-
-    def delete(self, pod: str) -> None:
-        """Remove a pod, or the binder's Deployment and Service when named by its manifest."""
-        made_from = {RUN_LABEL: self.run_id, objects.NAME_LABEL: pod}
-        if self.api.pod(pod) is None and self.api.pods(made_from):
-            self.api.delete("Deployment", objects.BINDER, grace_s=None)
-            self.api.delete("Service", objects.BINDER, grace_s=None)
-            self._wait_gone(made_from, None, pod)
-            return
-        if self.api.delete("Pod", pod, grace_s=0):
-            self._wait_gone(None, {"metadata.name": pod}, pod)
-
-    def _wait_gone(
-        self, labels: dict[str, str] | None, fields: dict[str, str] | None, pod: str
-    ) -> None:
-        def gone(pods: PodMap) -> tuple[bool, str]:
-            return not pods, summary(pods)
-
-        self.api.wait_pods(
-            f"pod {pod} to be gone",
-            gone,
-            labels=labels,
-            fields=fields,
-            timeout=self.options.ready_timeout_s,
-        )
-
-    def logs(self, pod: str) -> str:
-        found = self._resolve(pod)
-        containers = [c["name"] for c in found["spec"]["containers"]]
-        return "".join(self.api.log(found["metadata"]["name"], c) for c in containers)
-
-    def events(self) -> list[EngineEvent]:
-        return self._watcher.events() if self._watcher is not None else []
+    # -- faults --------------------------------------------------------------------------
 
     def kill(self, pod: str) -> None:
         """SIGKILL a pod's containers on their node, through the CRI, as a crash would."""
-        found = self._resolve(pod)
-        node_name = (found.get("spec") or {}).get("nodeName")
-        statuses = (found.get("status") or {}).get("containerStatuses") or []
-        ids = [str(s["containerID"]).split("://")[-1] for s in statuses if s.get("containerID")]
-        if not node_name or not ids:
-            raise LabError(f"pod {pod} has no running container to kill yet: wait for it first")
-        shell = self.shells[self._plan().node(str(node_name)).key]
+        node_name, ids = self._running_containers(pod)
+        shell = self.shells[self._plan().node(node_name).key]
         for container_id in ids:
             # A stop with no grace period is a SIGKILL; the kubelet then sees a crash.
             shell.run(["crictl", "stop", "--timeout", "0", container_id], sudo=True)
 
-    # -- what the binder needs -----------------------------------------------------------
-
-    def hook_target(self) -> dict[str, Any]:
-        return {"kind": "kubernetes", "namespace": self.namespace, "timeout": 30}
-
-    def hook_mounts(self) -> dict[str, str]:
-        return {}  # the service account's token is mounted by Kubernetes itself
-
-    def binder_address(self) -> str:
-        """Workers reach the binder through its Service."""
-        return objects.service_host(self.run_id)
+    # -- where clients reach the binder --------------------------------------------------
 
     def client_address(self) -> tuple[str, int]:
         """Where the host's clients reach the binder's node port."""
@@ -637,9 +498,7 @@ class VboxEngine:
 
     def detach(self) -> None:
         """Leave the VMs up after this process exits: the control plane's VM owns the run."""
-        if self._watcher is not None:
-            self._watcher.stop()
-            self._watcher = None
+        self._stop_watch()
         if self.record is None:
             return
         pid = vm_process(self._plan().control_plane.vm)
@@ -652,12 +511,7 @@ class VboxEngine:
 
     def down(self) -> None:
         """Remove the run's VMs, disks and seeds, unless keep is set; safe to call twice."""
-        if self._watcher is not None:
-            self._watcher.stop()
-            self._watcher = None
-        if self._api is not None:
-            self._api.close()
-            self._api = None
+        self._disconnect()
         for shell in self.shells.values():
             shell.close()
         self.shells = {}
@@ -681,11 +535,7 @@ class VboxEngine:
         for seed in (self.run_dir / "seeds").glob("*.iso"):
             seed.unlink()
         self._remove_images()
-        self.kubeconfig.unlink(missing_ok=True)
-        record = self.record or RunRecord.load(self.run_id)
-        if record is not None:
-            record.forget()
-        self.record = None
+        self._forget_run()
 
     def _remove_images(self) -> None:
         """The images this run built on the host, found by the run's label."""
