@@ -82,7 +82,7 @@ def measure(lab: Lab, *, scenario_file: str, scenario_hash: str, started: str) -
         if lab.scenario.failover.enabled:
             failover = run_failover(lab, observer, outcomes)
         if lab.scenario.throughput.enabled:
-            throughput, levels = run_throughput(lab, observer)
+            throughput, levels = run_throughput(lab, observer, outcomes)
     except LabError as exc:
         # The environment failed: the run is invalid, and says why, but its data is kept.
         meta.valid = False

@@ -15,16 +15,28 @@ from lab.lab import Lab
 from lab.observe.timeline import Observer
 from lab.protocol.client import Success, closed_loop
 from lab.report.results import Metric, ThroughputLevel, percentile
+from lab.scenarios.probes import wait_ready
 
 log = logging.getLogger(__name__)
 
 SATURATED_CPU = 0.9  # share of one core
 
 
-def run_throughput(lab: Lab, observer: Observer) -> tuple[dict[str, Metric], list[ThroughputLevel]]:
+def run_throughput(
+    lab: Lab, observer: Observer, outcomes: dict[str, str] | None = None
+) -> tuple[dict[str, Metric], list[ThroughputLevel]]:
+    outcomes = {} if outcomes is None else outcomes
     settings = lab.scenario.throughput
     levels: list[ThroughputLevel] = []
+    size = lab.scenario.binder.pool.min_pool_size
     for concurrency in settings.concurrency:
+        # Each level starts from a full pool: a job that served its last client (WorkBinder's
+        # loop allows 50) leaves a gap until the binder forgets and replaces it.
+        waited = wait_ready(lab, size, lab.scenario.deadlines.recovery_s)
+        if waited.reached is None:
+            outcomes[f"throughput.{concurrency}.start"] = (
+                f"started without a full pool: {waited.last_seen}"
+            )
         log.info("throughput: %d clients for %.0f s", concurrency, settings.duration_s)
         observer.note("load", f"{concurrency} clients start")
         level = measure_level(
