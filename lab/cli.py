@@ -87,10 +87,12 @@ runs_option = click.option(
 
 def _scenario(path: Path | None) -> tuple[Scenario, str, str]:
     if path is None:
-        if DEFAULT_SCENARIO.exists():
-            path = DEFAULT_SCENARIO
-        else:
-            return Scenario(name="default"), "defaults", "none"
+        if not DEFAULT_SCENARIO.exists():
+            raise LabError(
+                f"no scenario named and no {DEFAULT_SCENARIO} here: run from the lab's folder "
+                "or name a scenario file"
+            )
+        path = DEFAULT_SCENARIO
     scenario, digest = load_scenario(path)
     return scenario, str(path), digest
 

@@ -29,7 +29,7 @@ def test_a_tree_missing_pieces_names_every_one(tmp_path: Path) -> None:
 
 
 def test_a_wrong_path_says_what_to_point_at(tmp_path: Path) -> None:
-    with pytest.raises(BinderTreeError, match="is not a folder: point --lab-binder-home"):
+    with pytest.raises(BinderTreeError, match="is not a folder: point LAB_BINDER_HOME"):
         check_tree(tmp_path / "nowhere")
 
 

@@ -35,8 +35,8 @@ def check_tree(home: Path) -> None:
     """Refuse a tree that lacks what the lab runs, naming every missing piece."""
     if not home.is_dir():
         raise BinderTreeError(
-            f"WorkBinder tree {home} is not a folder: point --lab-binder-home or "
-            f"{ENV_VAR} at a built WorkBinder (holding bin/ and lib/)"
+            f"WorkBinder tree {home} is not a folder: point {ENV_VAR} (or `lab --binder-home`, "
+            "pytest --lab-binder-home) at a built WorkBinder holding bin/ and lib/"
         )
     missing = [part for part in REQUIRED if not (home / part).exists()]
     if missing:

@@ -87,7 +87,7 @@ def measure(lab: Lab, *, scenario_file: str, scenario_hash: str, started: str) -
         # The environment failed: the run is invalid, and says why, but its data is kept.
         meta.valid = False
         meta.invalid_reasons.append(str(exc))
-        log.error("run %s is invalid: %s", lab.run_id, exc)
+        log.debug("run %s is invalid: %s", lab.run_id, exc)
     if any(level.saturated for level in levels):
         meta.invalid_reasons.append("the load generator saturated at some levels (marked)")
     meta.finished = datetime.now(UTC).isoformat(timespec="seconds")
@@ -132,10 +132,9 @@ def machine() -> dict[str, str | int | float]:
 
 def summary_table(results: Results) -> Table:
     meta = results.meta
-    title = (
-        f"run {meta.run_id}: {meta.binder} binder on {meta.engine}"
-        f"{'' if meta.valid else ' — INVALID: ' + '; '.join(meta.invalid_reasons)}"
-    )
+    title = f"run {meta.run_id}: {meta.binder} binder on {meta.engine}"
+    if not meta.valid:
+        title += " (INVALID: see below)"
     table = Table(title=title)
     for column in ("metric", "n", "median", "p95", "max", "unit"):
         table.add_column(column, justify="right" if column != "metric" else "left")
@@ -180,6 +179,10 @@ def levels_table(results: Results) -> Table:
 
 
 def print_summary(results: Results, path: Path, console: Console) -> None:
+    if not results.metrics():
+        # Nothing was measured; the reason comes as the command's one error line.
+        console.print(f"results: {path}", highlight=False)
+        return
     console.print(summary_table(results))
     if results.throughput_levels:
         console.print(levels_table(results))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import string
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lab.errors import ScenarioError
 
 DEFAULT_CE = {"Site-A": "site-a.lab.invalid:8443/lab-pool"}
+WORKER_PLACEHOLDERS = ("ce", "routing", "job", "logfile")
+BINDER_PLACEHOLDERS = ("port", "admin_port")
+MAX_TEXT_CHARS = 1_000_000
+MAX_FLOW_DEPTH = 64
 
 
 class Strict(BaseModel):
@@ -31,6 +36,17 @@ class BinderSettings(Strict):
     status_interval_s: int = Field(1, ge=1, le=600, description="HTMLFileCreationInterval")
     # Raw binder.properties keys; only keys WorkBinder knows are accepted.
     properties: dict[str, str | int | float] = Field(default_factory=dict)
+    # None: a port free when the lab starts, so two labs never collide. A fixed port is
+    # for reaching the binder from elsewhere; the lab refuses it when it is taken.
+    port: int | None = Field(None, ge=1024, le=65535, description="ListeningPort")
+    # None: WorkBinder's run_binder.sh (or the stand-in). Replaces how the binder's
+    # container starts; {port} and {admin_port} are filled in.
+    command: list[str] | None = None
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: list[str] | None) -> list[str] | None:
+        return _checked_command(value, BINDER_PLACEHOLDERS)
 
     @field_validator("ces")
     @classmethod
@@ -50,6 +66,29 @@ class WorkerSettings(Strict):
     # {ce} {routing} {job} {logfile}, the four arguments the binder gives the hook.
     command: list[str] | None = None
     restart_policy: Literal["Always", "OnFailure", "Never"] = "Never"
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: list[str] | None) -> list[str] | None:
+        return _checked_command(value, WORKER_PLACEHOLDERS)
+
+
+def _checked_command(value: list[str] | None, allowed: tuple[str, ...]) -> list[str] | None:
+    """Refuse an empty command and placeholders that would only fail once a pod starts."""
+    if value is None:
+        return None
+    if not value or not value[0].strip():
+        raise ValueError("give the program to run first, e.g. [sh, start.sh]")
+    names = ", ".join("{" + name + "}" for name in allowed)
+    for part in value:
+        try:
+            fields = [field for _text, field, _spec, _conv in string.Formatter().parse(part)]
+        except ValueError as exc:
+            raise ValueError(f"{part!r}: {exc}; write a literal brace as {{{{ or }}}}") from None
+        for field in fields:
+            if field is not None and field not in allowed:
+                raise ValueError(f"{part!r}: unknown placeholder {{{field}}}; known: {names}")
+    return value
 
 
 class StandinSettings(Strict):
@@ -120,22 +159,67 @@ def load_scenario(path: Path) -> tuple[Scenario, str]:
 
 
 def parse_scenario(text: str, source: str = "<scenario>") -> Scenario:
+    """Check a scenario's text; any fault is one ScenarioError line naming the field."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise ScenarioError(f"{source}: {len(text)} characters; a scenario is a few hundred")
+    if _flow_depth(text) > MAX_FLOW_DEPTH:
+        # PyYAML takes seconds over thousands of open brackets before it gives up.
+        raise ScenarioError(f"{source}: brackets nested deeper than {MAX_FLOW_DEPTH} levels")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""
         raise ScenarioError(f"{source}:{line} is not valid YAML: {_first_line(exc)}") from exc
+    except (ValueError, TypeError, OverflowError) as exc:
+        # PyYAML builds dates and numbers with Python's own constructors, which raise
+        # these for text that only looks like one (a 13th month, say).
+        raise ScenarioError(f"{source}: a value cannot be read: {_first_line(exc)}") from exc
+    except RecursionError:
+        raise ScenarioError(f"{source}: nested too deeply to be a scenario") from None
     if not isinstance(data, dict):
         raise ScenarioError(f"{source}: a scenario is a mapping with at least `name:`")
     try:
         return Scenario.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
-        field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        field = ".".join(_one_line(str(part)) for part in error["loc"]) or "(top level)"
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ScenarioError(f"{source}: {field}: {error['msg']}{more}") from exc
+        raise ScenarioError(f"{source}: {field}: {_one_line(error['msg'])}{more}") from exc
+    except RecursionError:
+        raise ScenarioError(f"{source}: nested too deeply to be a scenario") from None
+
+
+def _flow_depth(text: str) -> int:
+    """How deep [ and { nest outside quotes and comments: an upper bound, cheaply."""
+    depth = deepest = 0
+    quote = ""
+    comment = False
+    for char in text:
+        if char == "\n":
+            comment = False
+        elif comment:
+            continue
+        elif quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#":
+            comment = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return deepest
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """Text from the file, shown so that it cannot break the error's one line."""
+    shown = text if text.isprintable() else repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = str(exc).strip()
+    return _one_line(text.splitlines()[0]) if text else type(exc).__name__

@@ -53,13 +53,19 @@ def run_throughput(
             better="higher",
             note=f"at {best.concurrency} clients" if best else "every level saturated",
         ),
-        "latency_p50_ms": Metric.of(
-            [lv.latency_ms["p50"] for lv in valid if "p50" in lv.latency_ms], "ms"
-        ),
-        "latency_p99_ms": Metric.of(
-            [lv.latency_ms["p99"] for lv in valid if "p99" in lv.latency_ms], "ms"
-        ),
     }
+    # One metric per level and quantity: a gate compares like with like.
+    for level in levels:
+        note = "the load generator saturated" if level.saturated else ""
+        at = f"c{level.concurrency}"
+        metrics[f"rate_{at}_per_s"] = Metric.of(
+            [level.rate], "1/s", better="higher", note=note, valid=not level.saturated
+        )
+        for quantile in ("p50", "p99"):
+            values = [level.latency_ms[quantile]] if quantile in level.latency_ms else []
+            metrics[f"latency_{quantile}_{at}_ms"] = Metric.of(
+                values, "ms", note=note, valid=not level.saturated
+            )
     return metrics, levels
 
 
