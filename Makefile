@@ -14,7 +14,7 @@ help:
 	@echo "make bench  print bring-up and load-generator figures"
 	@echo "make gate-check  5 baseline runs, 10 unchanged and 10 slowed: the gate's counts"
 	@echo "make lint   ruff and mypy"
-	@echo "make clean  remove every lab left on this machine"
+	@echo "make clean  remove leftovers of labs whose owner died"
 
 setup: system $(STAMP)
 

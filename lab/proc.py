@@ -37,7 +37,12 @@ def run(
     check: bool = True,
     hint: str = "",
 ) -> subprocess.CompletedProcess[str]:
-    """Run argv to completion within `timeout` seconds; raise CommandFailed on error."""
+    """Run argv to completion within `timeout` seconds; raise CommandFailed on error.
+
+    The command runs in a session of its own. A terminal's Ctrl-C then reaches the lab
+    alone, which ends the command itself, or lets it finish while it holds Ctrl-C during
+    teardown; a command interrupted halfway through a teardown would leave pods behind.
+    """
     argv = [str(a) for a in argv]
     log.debug("running: %s", " ".join(argv))
     try:
@@ -49,6 +54,7 @@ def run(
             text=True,
             timeout=timeout,
             check=False,
+            start_new_session=True,
         )
     except FileNotFoundError as exc:
         raise ToolMissing(f"{argv[0]} not found: {hint or 'install it and retry'}") from exc

@@ -167,7 +167,6 @@ def lab_exclusive(
         yield lab
 
 
-
 class _Lines:
     """Collects what the gate writes, to show it in the terminal summary later."""
 

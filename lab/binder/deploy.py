@@ -192,14 +192,17 @@ class BinderDeployment:
         standin = self.scenario.standin
         slow = standin_slowdown()
         if slow != 1.0:
-            standin = standin.model_copy(update={
-                "first_submit_delay_ms": round(standin.first_submit_delay_ms * slow),
-                "refill_tick_ms": round(standin.refill_tick_ms * slow),
-                "worker_start_delay_ms": round(standin.worker_start_delay_ms * slow),
-                "reconnect_delay_ms": round(standin.reconnect_delay_ms * slow),
-            })
-            log.warning("the stand-in's delays are %.0f %% of the scenario's (%s)",
-                        slow * 100, SLOWDOWN_ENV)
+            standin = standin.model_copy(
+                update={
+                    "first_submit_delay_ms": round(standin.first_submit_delay_ms * slow),
+                    "refill_tick_ms": round(standin.refill_tick_ms * slow),
+                    "worker_start_delay_ms": round(standin.worker_start_delay_ms * slow),
+                    "reconnect_delay_ms": round(standin.reconnect_delay_ms * slow),
+                }
+            )
+            log.warning(
+                "the stand-in's delays are %.0f %% of the scenario's (%s)", slow * 100, SLOWDOWN_ENV
+            )
         if self.kind == "standin":
             binder.update(
                 {

@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 PODMAN_HINT = "run `make setup`, or install podman and runc (apt-get install podman runc)"
 SERVICE_START_TIMEOUT_S = 30.0
+# Removing a run's pods takes seconds each when podman is busy; this bounds the retries.
+REMOVE_TIMEOUT_S = 120.0
+SOCKET_NAME = "podman.sock"
+SOCKET_PATH_MAX = 107  # a unix socket's path, in bytes, without its closing NUL
 # Where the binder's container finds this run's podman API socket.
 HOOK_SOCKET = "/run/lab/podman.sock"
 # What a worker may ask for, capped below at the machine's hard limits (the default
@@ -88,7 +92,7 @@ class PodmanEngine:
         self.run_id = run_id
         self.run_dir = Path(run_dir)
         self.keep = keep
-        self.socket = self.run_dir / "podman.sock"
+        self.socket = self.run_dir / SOCKET_NAME
         self.env = podman_env(self.run_dir)
         self.record: RunRecord | None = None
         self._service: subprocess.Popen[bytes] | None = None
@@ -102,6 +106,12 @@ class PodmanEngine:
     def up(self) -> None:
         require_tool("podman", PODMAN_HINT)
         require_tool("runc", PODMAN_HINT)
+        if len(str(self.socket).encode()) > SOCKET_PATH_MAX:
+            raise LabError(
+                f"the run folder {self.run_dir} is too deep for the run's API socket "
+                f"({len(str(self.socket).encode())} bytes, unix sockets allow "
+                f"{SOCKET_PATH_MAX}): use a shorter --run-dir, e.g. /tmp/lab-runs"
+            )
         sweep_leftovers(self.env)
         self.record = RunRecord.create(self.run_id, self.run_dir, self.name)
         log.info("starting the podman API service for run %s", self.run_id)
@@ -151,8 +161,11 @@ class PodmanEngine:
         return ensure_base_image(self.env, debian_mirror())
 
     def down(self) -> None:
-        """Remove every pod, container, volume and image of the run, then the service."""
-        remove_run(self.env, self.run_id)
+        """Stop the API service, then remove every pod, container, volume and image of the run.
+
+        The service goes first: through it the binder's submit hook starts new worker pods,
+        which would otherwise appear behind the removal.
+        """
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -160,8 +173,9 @@ class PodmanEngine:
             _stop_process(self._service.pid)
             self._service = None
         record = self.record or RunRecord.load(self.run_id)
+        stop_run_processes(self.run_id, record)
+        remove_run(self.env, self.run_id)
         if record is not None:
-            _stop_recorded_processes(record)
             record.forget()
         self.record = None
 
@@ -290,7 +304,7 @@ class PodmanEngine:
         os.kill(pid, signal.SIGKILL)
 
     def delete(self, pod: str) -> None:
-        run(["podman", "pod", "kill", pod], env=self.env, check=False)
+        run(["podman", "pod", "stop", "-t", "0", pod], env=self.env, check=False)
         run(["podman", "pod", "rm", "-f", "-t", "0", pod], env=self.env, check=False)
 
     def logs(self, pod: str) -> str:
@@ -394,19 +408,88 @@ def _stop_process(pid: int, grace_s: float = 5.0) -> None:
         pass
 
 
-def _stop_recorded_processes(record: RunRecord) -> None:
-    for pid, start in record.host_pids.values():
-        if isinstance(pid, int) and is_alive(pid, start if isinstance(start, str) else None):
-            _stop_process(pid)
+def service_pids(run_id: str) -> list[int]:
+    """The run's API services still alive, found by their socket's path.
+
+    The ownership record names the service once it has started; this also finds one whose
+    start was cut short, by Ctrl-C or SIGKILL, before the record was written.
+    """
+    suffix = f"/{run_id}/{SOCKET_NAME}"
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # It exited meanwhile.
+            continue
+        if (
+            Path(argv[0]).name == "podman"
+            and argv[1:3] == ["system", "service"]
+            and any(arg.endswith(suffix) for arg in argv)
+        ):
+            found.append(int(proc.name))
+    return found
 
 
-def remove_run(env: dict[str, str], run_id: str) -> None:
-    """Remove every podman object labeled with the run; quiet when there are none."""
+def stop_run_processes(run_id: str, record: RunRecord | None) -> None:
+    """Stop the host processes of a run: those its record names and its API services."""
+    if record is not None:
+        for pid, start in record.host_pids.values():
+            if isinstance(pid, int) and is_alive(pid, start if isinstance(start, str) else None):
+                _stop_process(pid)
+    for pid in service_pids(run_id):
+        _stop_process(pid)
+
+
+def run_objects(env: dict[str, str], run_id: str) -> list[str]:
+    """Every pod, container, volume and image labeled with the run, as `kind id`."""
+    label = f"label={RUN_LABEL}={run_id}"
+    found = []
+    for kind, argv in (
+        ("pod", ["pod", "ps", "-q"]),
+        ("container", ["ps", "-aq"]),
+        ("volume", ["volume", "ls", "-q"]),
+        ("image", ["images", "-q"]),
+    ):
+        listed = run(["podman", *argv, "--filter", label], env=env, check=False)
+        found += [f"{kind} {ident}" for ident in listed.stdout.split()]
+    return found
+
+
+def remove_run(env: dict[str, str], run_id: str, timeout: float = REMOVE_TIMEOUT_S) -> None:
+    """Remove every podman object labeled with the run, until podman lists none.
+
+    One pass usually does it; another is needed when a pod appeared or a removal was cut
+    short meanwhile. Raises LabError naming what is left when `timeout` runs out.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        _remove_once(env, run_id)
+        left = run_objects(env, run_id)
+        if not left:
+            return
+        if time.monotonic() >= deadline:
+            raise LabError(
+                f"run {run_id}: {len(left)} objects still there after {timeout:.0f} s of "
+                f"removing ({', '.join(left[:4])}); see `podman ps -a`, then run `lab clean`"
+            )
+        log.info("run %s: %d objects still there; removing again", run_id, len(left))
+
+
+def _remove_once(env: dict[str, str], run_id: str) -> None:
     label = f"label={RUN_LABEL}={run_id}"
     pods = run(["podman", "pod", "ps", "-q", "--filter", label], env=env, check=False)
     if pods.stdout.split():
-        # Killing first is much faster than `pod rm -f -t 0` alone (seconds per pod).
-        run(["podman", "pod", "kill", *pods.stdout.split()], env=env, check=False, timeout=300)
+        # Stopping first is much faster than `pod rm -f -t 0` alone (seconds per pod), and
+        # than `pod kill`: after a kill, the removal waits seconds for conmon to let go of
+        # the pod's cgroup, while a stop has cleaned up by the time it returns.
+        run(
+            ["podman", "pod", "stop", "-t", "0", *pods.stdout.split()],
+            env=env,
+            check=False,
+            timeout=300,
+        )
         run(
             ["podman", "pod", "rm", "-f", "-t", "0", *pods.stdout.split()],
             env=env,
@@ -451,13 +534,20 @@ def sweep_leftovers(env: dict[str, str], everything: bool = False) -> list[str]:
     records = {record.run_id: record for record in all_records()}
     swept = []
     for run_id in sorted(labeled_runs(env) | set(records)):
-        record = records.get(run_id)
+        # A run that started after the records were read has one by now: a run writes its
+        # record before it makes anything podman lists.
+        record = records.get(run_id) or RunRecord.load(run_id)
         if record is not None and record.owner_alive() and not everything:
             continue
         log.info("removing leftovers of run %s (its owner is gone)", run_id)
-        remove_run(env, run_id)
+        stop_run_processes(run_id, record)
+        try:
+            remove_run(env, run_id)
+        except LabError as exc:
+            # Another run's leftovers must not stop this one; the next sweep tries again.
+            log.warning("%s", exc)
+            continue
         if record is not None:
-            _stop_recorded_processes(record)
             record.forget()
         swept.append(run_id)
     return swept
