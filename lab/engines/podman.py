@@ -28,7 +28,7 @@ from lab.engines.images import debian_mirror, ensure_base_image
 from lab.errors import CommandFailed, LabError, ManifestError
 from lab.manifest import check_pod_manifest
 from lab.proc import child_env, require_tool, run
-from lab.run import RUN_LABEL, RunRecord, all_records, is_alive, process_start_time
+from lab.run import RUN_LABEL, RunRecord, all_records, is_alive, process_start_time, state_dir
 from lab.waits import wait_for
 
 log = logging.getLogger(__name__)
@@ -537,8 +537,14 @@ def sweep_leftovers(env: dict[str, str], everything: bool = False) -> list[str]:
         # A run that started after the records were read has one by now: a run writes its
         # record before it makes anything podman lists.
         record = records.get(run_id) or RunRecord.load(run_id)
-        if record is not None and record.owner_alive() and not everything:
-            continue
+        if not everything:
+            if record is None:
+                # No record here: perhaps a lab of another state folder (another user, a
+                # test's own LAB_STATE_DIR) that is alive. Only `lab clean --all` removes it.
+                log.debug("run %s has no record in %s; left alone", run_id, state_dir())
+                continue
+            if record.owner_alive():
+                continue
         log.info("removing leftovers of run %s (its owner is gone)", run_id)
         stop_run_processes(run_id, record)
         try:
