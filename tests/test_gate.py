@@ -101,6 +101,7 @@ def test_twenty_percent_slower_with_spread_under_five_percent_always_fails(
     baseline = make_baseline(runs_around(typical, deviations))
     expected = baseline.metrics[name]
     assume(expected.spread < 0.05 * expected.median)
+    assume(baseline.policy.gated(name))  # shown-only metrics are reported, never judged
 
     # Slower means longer for a time and fewer requests per second for a rate.
     factor = 1.2 if expected.better == "lower" else 0.8
@@ -111,6 +112,19 @@ def test_twenty_percent_slower_with_spread_under_five_percent_always_fails(
     assert report.status == "regression", report.lines()
     assert [row.metric for row in report.regressions] == [name]
     assert report.exit_code == EXIT_REGRESSION
+
+
+def test_shown_only_metrics_are_never_judged() -> None:
+    typical = {name: 20.0 for name in NAMES}
+    baseline = make_baseline(runs_around(typical, [0.0] * MIN_RUNS))
+    medians = {other: m.median for other, m in baseline.metrics.items()}
+    medians["throughput.latency_p99_ms"] *= 5
+
+    report = gate_verdict(with_medians(medians, seed=7), baseline)
+
+    assert report.status == "pass", report.lines()
+    [row] = [r for r in report.rows if r.metric == "throughput.latency_p99_ms"]
+    assert row.verdict == "not gated"
 
 
 def spoil(results: Results, how: str) -> Results:

@@ -9,6 +9,7 @@ repetitions inside them cannot.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import math
@@ -54,6 +55,13 @@ class GatePolicy(BaseModel):
     spread_factor: float = 3.5
     relative_floor: float = 0.10
     absolute_floors: dict[str, float] = Field(default_factory=lambda: dict(ABSOLUTE_FLOORS))
+    # Metrics shown beside the gate but not judged (shell-style patterns). Latency
+    # percentiles of one load level swing several-fold between identical runs on a shared
+    # machine; the request rates at the same levels are gated instead.
+    shown_only: list[str] = Field(default_factory=lambda: ["throughput.latency_*"])
+
+    def gated(self, metric: str) -> bool:
+        return not any(fnmatch.fnmatchcase(metric, pattern) for pattern in self.shown_only)
 
     def margin(self, median: float, spread: float, unit: str) -> float:
         """The allowed distance from the baseline median, never below the noise floors."""

@@ -110,7 +110,9 @@ def gate_verdict(
             bound=bound,
             verdict="pass",
         )
-        if measured is None or measured.median is None:
+        if not policy.gated(name):
+            row.verdict, row.note = "not gated", "shown only (the policy's shown_only)"
+        elif measured is None or measured.median is None:
             row.verdict, row.note = "missing", "the run did not measure it"
             reasons.append(f"{name} was not measured")
         elif not measured.valid:
