@@ -18,8 +18,9 @@ from types import FrameType, TracebackType
 
 from lab.binder.deploy import BinderDeployment
 from lab.engines import make_engine
-from lab.engines.base import Engine
+from lab.engines.base import Engine, PodInfo
 from lab.errors import LabError
+from lab.proc import last_line
 from lab.protocol.client import query_sync
 from lab.run import new_run_id
 from lab.scenarios.schema import Scenario
@@ -28,6 +29,55 @@ from lab.waits import wait_for
 log = logging.getLogger(__name__)
 
 LAB_FILE = "lab.json"
+HOOK_RECORDS = "submissions.jsonl"  # the submit hook's records, in the run's logs folder
+
+
+@dataclass
+class HookRecords:
+    """What the submit hook's records say: how many jobs it started, and why any failed."""
+
+    ok: int = 0
+    failed: int = 0
+    last_error: str = ""
+
+    @classmethod
+    def read(cls, path: Path) -> HookRecords:
+        records = cls()
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:  # The hook has not run yet.
+            return records
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:  # A record being written right now.
+                continue
+            if not isinstance(record, dict):
+                continue
+            if record.get("ok"):
+                records.ok += 1
+            else:
+                records.failed += 1
+                records.last_error = " ".join(str(record.get("error", "no error given")).split())
+        return records
+
+    def summary(self) -> str:
+        if not self.ok and not self.failed:
+            return "no job submitted yet"
+        text = f"submit hook {self.ok} ok, {self.failed} failed"
+        return f"{text} (the last: {self.last_error})" if self.failed else text
+
+
+def pod_phases(pods: list[PodInfo], what: str = "worker pods") -> str:
+    """Pods counted by phase, e.g. `3 worker pods: 2 Running, 1 Failed (4 restarts)`."""
+    if not pods:
+        return f"no {what}"
+    counts: dict[str, int] = {}
+    for pod in pods:
+        counts[pod.phase] = counts.get(pod.phase, 0) + 1
+    phases = ", ".join(f"{n} {phase}" for phase, n in sorted(counts.items()))
+    restarts = sum(pod.restarts for pod in pods)
+    return f"{len(pods)} {what}: {phases}" + (f" ({restarts} restarts)" if restarts else "")
 
 
 @dataclass
@@ -94,19 +144,51 @@ class Lab:
         return query_sync("127.0.0.1", self.binder.endpoint.port, deadline=2.0).total_ready
 
     def wait_pool_full(self, timeout: float, size: int | None = None) -> float:
-        """Wait until the binder reports at least `size` READY jobs; return when it did."""
+        """Wait until the binder reports at least `size` READY jobs; return when it did.
+
+        Gives up before the deadline when the pool cannot fill: the submit hook failed for
+        as many jobs as the pool needs and for none it started, or as many worker pods
+        failed and none is left running.
+        """
         wanted = size if size is not None else self.scenario.binder.pool.min_pool_size
 
         def full() -> tuple[bool, str]:
             try:
                 ready = self.ready_count()
+                answer = f"{ready} READY of {wanted}"
             except LabError as exc:
-                return False, f"query failed: {exc}"
-            pods = len(self.binder.worker_pods())
-            return ready >= wanted, f"{ready} READY of {wanted}, {pods} worker pods"
+                ready, answer = 0, f"query failed: {exc}"
+            workers = self.engine.pods({"lab.role": "worker"})
+            hook = HookRecords.read(self.binder.dirs["logs"] / HOOK_RECORDS)
+            seen = f"{answer}, {pod_phases(workers)}, {hook.summary()}"
+            if ready >= wanted:
+                return True, seen
+            self._give_up_if_hopeless(wanted, workers, hook, seen)
+            return False, seen
 
         wait_for(f"a pool of {wanted} READY workers", full, timeout=timeout, interval=0.05)
         return time.monotonic()
+
+    def _give_up_if_hopeless(
+        self, wanted: int, workers: list[PodInfo], hook: HookRecords, seen: str
+    ) -> None:
+        if hook.failed >= wanted and hook.ok == 0:
+            raise LabError(
+                f"the submit hook failed for all {hook.failed} jobs the binder submitted, "
+                f"so no worker started; its last record says: {hook.last_error}; see "
+                f"{self.binder.dirs['logs'] / HOOK_RECORDS}"
+            )
+        failed = [pod for pod in workers if pod.phase == "Failed"]
+        alive = [pod for pod in workers if pod.phase in ("Running", "Pending")]
+        if len(failed) >= wanted and not alive:
+            try:
+                said = last_line(self.engine.logs(failed[-1].name)) or "nothing"
+            except LabError as exc:
+                said = f"(its log cannot be read: {exc})"
+            raise LabError(
+                f"no worker came up ({seen}); the last failed one says: {said}; check "
+                "worker.command in the scenario and the worker image"
+            )
 
     @classmethod
     def attach(cls, scenario: Scenario, run_dir: Path, binder_home: Path | None) -> Lab:

@@ -64,3 +64,9 @@ def run(
     if check and done.returncode != 0:
         raise CommandFailed(argv, done.returncode, done.stdout + done.stderr, hint)
     return done
+
+
+def last_line(text: str, limit: int = 300) -> str:
+    """The last line of some output that says anything, cut to fit a one-line error."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:limit] if lines else ""

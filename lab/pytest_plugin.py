@@ -7,17 +7,22 @@ lab (faults, timed scenarios) take `lab_exclusive`, so two never run at once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from lab.binder.tree import binder_home_from, check_tree
-from lab.lab import Lab
+from lab.errors import LabError
+from lab.lab import HOOK_RECORDS, Lab
 from lab.scenarios.schema import Scenario, load_scenario
 
 SESSION_FILE = "lab-session.json"
@@ -122,7 +127,7 @@ def lab(
     keep = bool(config.getoption("--lab-keep"))
     runs_root = Path(config.getoption("--lab-run-dir")).resolve()
 
-    with FileLock(str(shared / "lab.lock"), timeout=LOCK_TIMEOUT_S):
+    with _locked(shared / "lab.lock", "the session lab"):
         state = json.loads(state_path.read_text()) if state_path.exists() else None
         if state is None:
             the_lab = Lab(scenario, binder_home=home, runs_root=runs_root, keep=keep)
@@ -139,7 +144,7 @@ def lab(
 
     yield the_lab
 
-    with FileLock(str(shared / "lab.lock"), timeout=LOCK_TIMEOUT_S):
+    with _locked(shared / "lab.lock", "the session lab"):
         state = json.loads(state_path.read_text())
         state["users"] -= 1
         if state["users"] > 0:
@@ -163,8 +168,49 @@ def lab_exclusive(
 ) -> Iterator[Lab]:
     """The session lab, held alone: no other test changes it meanwhile."""
     shared = _shared_dir(tmp_path_factory, _lab_worker_id)
-    with FileLock(str(shared / "lab-exclusive.lock"), timeout=LOCK_TIMEOUT_S):
+    with _locked(shared / "lab-exclusive.lock", "the lab held alone"):
         yield lab
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    """A failed test that used the lab gets the lab's side of the story in its report."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    funcargs = getattr(item, "funcargs", {})
+    the_lab = funcargs.get("lab_exclusive") or funcargs.get("lab")
+    if not report.failed or not isinstance(the_lab, Lab):
+        return
+    reports = item.config.invocation_params.dir / REPORTS
+    dest = reports / the_lab.run_id / "failures" / _slug(f"{item.nodeid}-{report.when}")
+    try:
+        sections = save_artifacts(the_lab, dest)
+    except Exception as exc:  # Gathering them must never hide why the test failed.
+        report.sections.append(("lab artifacts", f"could not gather them: {exc!r}"))
+        return
+    for title, text in sections:
+        report.sections.append((f"lab: {title}", text))
+    report.user_properties.append(("lab_artifacts", str(dest)))
+
+
+@contextmanager
+def _locked(path: Path, what: str) -> Iterator[None]:
+    """Hold a lock shared with the other xdist workers, waiting at most LOCK_TIMEOUT_S."""
+    try:
+        lock = FileLock(str(path), timeout=LOCK_TIMEOUT_S)
+        lock.acquire()
+    except Timeout:
+        raise LabError(
+            f"gave up after {LOCK_TIMEOUT_S:.0f} s waiting for {what} ({path}); last saw: "
+            "another pytest-xdist worker holding it, bringing the lab up or running a test "
+            "that holds the lab alone; see that worker's output"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class _Lines:
@@ -209,3 +255,58 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_sep(sep, text)
         else:
             terminalreporter.write_line(text)
+
+
+# -- failure artifacts ---------------------------------------------------------------------
+
+# Lines of each artifact shown in a failure's report; the copies under reports/ are whole.
+SHOWN_LINES = 40
+SHOWN_PODS = 8
+
+
+def save_artifacts(the_lab: Lab, dest: Path) -> list[tuple[str, str]]:
+    """Copy the binder's log, the hook's records, each pod's log and the engine's events
+    into dest; return their tails, titled, for the test's report."""
+    dest.mkdir(parents=True, exist_ok=True)
+    logs = the_lab.binder.dirs["logs"]
+    sections = []
+    for title, name in (("binder log", "binder.log"), ("submit hook records", HOOK_RECORDS)):
+        source = logs / name
+        text = source.read_text(errors="replace") if source.exists() else ""
+        (dest / name).write_text(text)
+        sections.append((title, _tail(text) or f"(no {name})"))
+
+    pods = the_lab.engine.pods()
+    (dest / "pods").mkdir(exist_ok=True)
+    listing = [
+        f"{p.name} {p.labels.get('lab.role', '?')} {p.phase} restarts {p.restarts}" for p in pods
+    ]
+    shown: list[str] = []
+    for pod in pods:
+        try:
+            text = the_lab.engine.logs(pod.name)
+        except LabError as exc:  # Removed since it was listed, say.
+            text = f"(no log: {exc})\n"
+        (dest / "pods" / f"{pod.name}.log").write_text(text)
+        if len(shown) < SHOWN_PODS:
+            shown.append(f"[{pod.name}, {pod.phase}]\n{_tail(text, 10) or '(nothing)'}")
+    sections.append(("pods", "\n".join(listing) or "(no pods)"))
+    sections.append(("pod logs", "\n".join(shown) or "(no pods)"))
+
+    events = [dataclasses.asdict(event) for event in the_lab.engine.events()]
+    text = "".join(json.dumps(event) + "\n" for event in events)
+    (dest / "events.jsonl").write_text(text)
+    lines = [f"{e['wall']:.3f} {e['pod']} {e['kind']} {e['detail']}".rstrip() for e in events]
+    sections.append(("engine events", _tail("\n".join(lines)) or "(no events)"))
+    sections.append(("copies", str(dest.resolve())))
+    return sections
+
+
+def _tail(text: str, lines: int = SHOWN_LINES) -> str:
+    kept = text.rstrip("\n").splitlines()[-lines:]
+    return "\n".join(kept)
+
+
+def _slug(text: str) -> str:
+    """A test's node id as one folder name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:150]

@@ -198,8 +198,10 @@ def test_missing_podman_is_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": str(tmp_path), "LAB_STATE_DIR": str(tmp_path / "state")}
     lab_cli = Path(sys.executable).parent / "lab"
 
+    smoke = str(Path(__file__).resolve().parents[1] / "scenarios" / "smoke.yaml")
     done = subprocess.run(
-        [str(lab_cli), "up"], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=60
+        [str(lab_cli), "up", smoke], env=env, capture_output=True, text=True, cwd=tmp_path,
+        timeout=60,
     )
 
     assert done.returncode == 1

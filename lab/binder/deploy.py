@@ -21,7 +21,7 @@ from lab.binder.tree import copy_tree, tree_hash
 from lab.engines.base import Engine
 from lab.errors import LabError
 from lab.manifest import pod_manifest
-from lab.ports import free_port
+from lab.ports import ensure_free, free_port
 from lab.protocol.client import query_sync
 from lab.scenarios.schema import Scenario
 from lab.waits import wait_for
@@ -95,20 +95,33 @@ class BinderDeployment:
     # -- preparing files and the image -----------------------------------------------
 
     def prepare(self) -> None:
-        """Write the run's properties and hook configuration, and build the worker image."""
+        """Build the worker image, then write the run's properties and hook configuration."""
+        fixed = self.scenario.binder.port
+        if fixed is not None and self._on_host():
+            ensure_free(
+                fixed,
+                "binder",
+                "stop that program, or change or remove binder.port in the scenario",
+            )
         for folder in self.dirs.values():
             folder.mkdir(parents=True, exist_ok=True)
         (self.dirs["logs"] / "workers").mkdir(exist_ok=True)
         context = self._image_context()
         shipped = self._shipped_properties(context)
-        self.listen_port = free_port()
-        self.endpoint.admin_port = free_port()
-        self._write_properties(shipped)
         self.image_hash = tree_hash(context)
         self.image = f"localhost/lab-worker-{self.engine.run_id}:{self.image_hash}"
         self.engine.build_image(context, self.image, {"lab.binder": self.kind})
+        # Ports are chosen last, just before the binder starts, so that no other program
+        # has time to take them meanwhile; the image does not depend on them.
+        self.listen_port = fixed or free_port()
+        self.endpoint.admin_port = free_port()
+        self._write_properties(shipped)
         self._write_hook_config()
         self.endpoint.host, self.endpoint.port = self._client_address()
+
+    def _on_host(self) -> bool:
+        """Whether the binder listens on this machine's own ports (podman's host network)."""
+        return self.engine.name == "podman"
 
     def _client_address(self) -> tuple[str, int]:
         # On podman the binder listens on the host; on a cluster, behind a mapped port.
@@ -267,15 +280,20 @@ class BinderDeployment:
 
     # -- the binder's pod --------------------------------------------------------------
 
-    def binder_manifest(self) -> dict[str, Any]:
+    def binder_command(self) -> list[str]:
+        """How the binder's container starts; its output goes to the run's binder.log."""
+        into_log = f">>{IN_POD['logs']}/binder.log 2>&1"
+        override = self.scenario.binder.command
+        if override:
+            values = {"port": self.listen_port, "admin_port": self.endpoint.admin_port}
+            argv = [part.format(**values) for part in override]
+            return ["bash", "-c", f'exec "$@" {into_log}', "binder", *argv]
         if self.kind == "real":
             # run_binder.sh logs to stdout only; the lab keeps it in the run folder.
-            start = f"exec bash run_binder.sh >>{IN_POD['logs']}/binder.log 2>&1"
-        else:
-            start = (
-                f"exec python3 -m lab.standin.binder binder.properties "
-                f">>{IN_POD['logs']}/binder.log 2>&1"
-            )
+            return ["bash", "-c", f"exec bash run_binder.sh {into_log}"]
+        return ["bash", "-c", f"exec python3 -m lab.standin.binder binder.properties {into_log}"]
+
+    def binder_manifest(self) -> dict[str, Any]:
         mounts = {**self._mounts(), **self.engine.hook_mounts()}
         options = self.engine.manifest_options(mounts)
         if self.engine.name != "podman":
@@ -286,7 +304,7 @@ class BinderDeployment:
             run_id=self.engine.run_id,
             role="binder",
             image=self.image,
-            command=["bash", "-c", start],
+            command=self.binder_command(),
             restart_policy="Never",
             **options,
             env={
@@ -311,6 +329,17 @@ class BinderDeployment:
         marker = f"=== lab: binder start {self.starts} at {time.time():.3f} ===\n"
         with open(self.dirs["logs"] / "binder.log", "a") as binder_log:
             binder_log.write(marker)
+        if self._on_host():
+            # A taken port would only show as a binder that dies or never answers.
+            hint = "another program took it since the lab chose it: run the lab again"
+            if self.scenario.binder.port is not None:
+                hint = "stop that program, or change or remove binder.port in the scenario"
+            ensure_free(self.listen_port, "binder", hint)
+            ensure_free(
+                self.endpoint.admin_port,
+                "binder's admin port",
+                "another program took it since the lab chose it: run the lab again",
+            )
         log.info("starting the %s binder on port %d", self.kind, self.listen_port)
         self.engine.apply(self.binder_manifest())
         return self.started_mono
@@ -330,7 +359,7 @@ class BinderDeployment:
                 return False, f"binder pod {phase}, port {self.endpoint.port}: {exc}"
 
         wait_for(
-            f"the binder to listen on port {self.endpoint.port}",
+            f"the binder to answer a CE query on port {self.endpoint.port}",
             listening,
             timeout=timeout,
             interval=0.05,

@@ -73,6 +73,15 @@ def apply_podman(target: dict[str, Any], manifest: dict[str, Any]) -> str:
     text = response.read().decode(errors="replace")
     if response.status >= 300:
         raise RuntimeError(f"podman API answered {response.status}: {text[:300]}")
+    # The pod exists even when its container could not start (no such program, say):
+    # podman says so only in the answer, and the pod would look as if it were starting.
+    try:
+        pods = json.loads(text).get("Pods") or []
+    except (ValueError, AttributeError):
+        pods = []
+    errors = [str(e) for pod in pods for e in (pod.get("ContainerErrors") or [])]
+    if errors:
+        raise RuntimeError(f"the pod's container did not start: {errors[0][:300]}")
     return text
 
 

@@ -13,12 +13,13 @@ import logging
 import os
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 from filelock import FileLock
 
-from lab.errors import CommandFailed, LabError
+from lab.errors import CommandFailed, LabError, WaitTimeout
 from lab.proc import require_tool, run
 from lab.run import cache_dir
 
@@ -142,14 +143,25 @@ def _run_with_progress(argv: list[str], label: str) -> int:
         console.status(f"{label}: starting", spinner="dots") as status,
     ):
         assert child.stdout is not None
-        for line in child.stdout:
-            tail = (tail + [line.rstrip()])[-20:]
-            if label:
-                status.update(f"{label}: {line.strip()[:90]}")
-            if time.monotonic() > deadline:
-                child.kill()
-                break
+        # A child that hangs without printing would block the reading below for good.
+        watchdog = threading.Timer(DEBOOTSTRAP_TIMEOUT_S, child.kill)
+        watchdog.start()
+        try:
+            for line in child.stdout:
+                tail = (tail + [line.rstrip()])[-20:]
+                if label:
+                    status.update(f"{label}: {line.strip()[:90]}")
+                if time.monotonic() > deadline:
+                    child.kill()
+                    break
+        finally:
+            watchdog.cancel()
         code = child.wait()
+    if time.monotonic() > deadline:
+        raise WaitTimeout(
+            f"gave up after {DEBOOTSTRAP_TIMEOUT_S:.0f} s waiting for {label or argv[0]} to "
+            f"finish; last saw: {tail[-1] if tail else 'no output'}; check the Debian mirror"
+        )
     if code != 0:
         raise CommandFailed(argv, code, "\n".join(tail), "check the Debian mirror and disk space")
     return len(tail)

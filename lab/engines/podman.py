@@ -27,7 +27,7 @@ from lab.engines.base import EngineEvent, PodInfo
 from lab.engines.images import debian_mirror, ensure_base_image
 from lab.errors import CommandFailed, LabError, ManifestError
 from lab.manifest import check_pod_manifest
-from lab.proc import child_env, require_tool, run
+from lab.proc import child_env, last_line, require_tool, run
 from lab.run import RUN_LABEL, RunRecord, all_records, is_alive, process_start_time, state_dir
 from lab.waits import wait_for
 
@@ -196,6 +196,9 @@ class PodmanEngine:
                 tag=tag,
                 labels=labels,
                 rm=True,
+                # Cached layers are shared between runs, and removing one run's image
+                # removes the cached layers under it, in the middle of another run's build.
+                nocache=True,
                 network_mode="host",
                 pull=False,
             )
@@ -453,6 +456,11 @@ def run_objects(env: dict[str, str], run_id: str) -> list[str]:
         ("image", ["images", "-q"]),
     ):
         listed = run(["podman", *argv, "--filter", label], env=env, check=False)
+        if listed.returncode != 0:
+            # Podman fails a listing when an object goes away while it lists: unknown
+            # counts as not yet removed, so the caller looks again.
+            found.append(f"{kind}s unknown ({last_line(listed.stderr) or 'no output'})")
+            continue
         found += [f"{kind} {ident}" for ident in listed.stdout.split()]
     return found
 
@@ -531,12 +539,13 @@ def labeled_runs(env: dict[str, str]) -> set[str]:
 
 def sweep_leftovers(env: dict[str, str], everything: bool = False) -> list[str]:
     """Remove the runs whose owner process is gone (or all runs, with everything=True)."""
-    records = {record.run_id: record for record in all_records()}
+    known = {record.run_id for record in all_records()}
     swept = []
-    for run_id in sorted(labeled_runs(env) | set(records)):
-        # A run that started after the records were read has one by now: a run writes its
-        # record before it makes anything podman lists.
-        record = records.get(run_id) or RunRecord.load(run_id)
+    for run_id in sorted(labeled_runs(env) | known):
+        # Read afresh, just before judging: a run that started after the listing has a
+        # record by now (it writes one before it makes anything podman lists), and one
+        # that has removed itself meanwhile has none.
+        record = RunRecord.load(run_id)
         if not everything:
             if record is None:
                 # No record here: perhaps a lab of another state folder (another user, a
