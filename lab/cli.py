@@ -7,6 +7,7 @@ import logging
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -16,11 +17,12 @@ from rich.table import Table
 
 from lab.binder.tree import binder_home_from, check_tree
 from lab.engines import ENGINES, make_engine
+from lab.engines.base import Engine
 from lab.errors import LabError
 from lab.lab import LAB_FILE, Lab, terminate_on_sigterm
 from lab.proc import require_tool
 from lab.protocol.client import query_sync
-from lab.run import all_records
+from lab.run import RunRecord, all_records
 from lab.scenarios.runner import print_summary, run_suite
 from lab.scenarios.schema import Scenario, load_scenario
 
@@ -184,22 +186,27 @@ def run_command(
 @click.option("--all", "everything", is_flag=True, help="Every lab on this machine.")
 def down(run_ids: tuple[str, ...], everything: bool) -> None:
     """Tear labs down: RUN_IDS, or the only lab up, or --all of them."""
-    records = {record.run_id: record for record in all_records()}
-    targets = list(run_ids) or sorted(records)
-    if not run_ids and len(targets) > 1 and not everything:
-        raise LabError(
-            f"{len(targets)} labs are up ({', '.join(targets)}): name the runs, or use --all"
-        )
-    if not targets:
+    labs = _labs_up(run_ids)
+    if not run_ids and len(labs) > 1 and not everything:
+        names = ", ".join(record.run_id for record, _ in labs)
+        raise LabError(f"{len(labs)} labs are up ({names}): name the runs, or use --all")
+    if not labs:
         console.print("no lab is up")
-        return
-    for run_id in targets:
+    for record, engine in labs:
+        engine.down()
+        console.print(f"run {record.run_id}: down")
+
+
+def _labs_up(run_ids: Sequence[str]) -> list[tuple[RunRecord, Engine]]:
+    """The labs named (or every lab up), each with an engine to act on it."""
+    records = {record.run_id: record for record in all_records()}
+    labs = []
+    for run_id in run_ids or sorted(records):
         record = records.get(run_id)
         if record is None:
             raise LabError(f"no lab with run id {run_id}: `lab status` lists the labs up")
-        engine = make_engine(record.engine, run_id, Path(record.run_dir))
-        engine.down()
-        console.print(f"run {run_id}: down")
+        labs.append((record, make_engine(record.engine, run_id, Path(record.run_dir))))
+    return labs
 
 
 @main.command()
@@ -230,16 +237,12 @@ def clean(everything: bool) -> None:
 
 
 def show_status(run_ids: list[str] | None) -> None:
-    records = {record.run_id: record for record in all_records()}
-    wanted = run_ids or sorted(records)
-    if not wanted:
+    labs = _labs_up(run_ids or [])
+    if not labs:
         console.print("no lab is up")
         return
-    for run_id in wanted:
-        record = records.get(run_id)
-        if record is None:
-            raise LabError(f"no lab with run id {run_id}: `lab status` lists the labs up")
-        engine = make_engine(record.engine, run_id, Path(record.run_dir))
+    for record, engine in labs:
+        run_id = record.run_id
         info = _lab_info(Path(record.run_dir))
         ready = "?"
         if info.get("port"):

@@ -172,6 +172,20 @@ def lab_exclusive(
         yield lab
 
 
+@pytest.fixture(scope="session")
+def lab_timing_lock(tmp_path_factory: pytest.TempPathFactory, _lab_worker_id: str) -> Path:
+    """A lock for work that must not overlap across xdist workers: timed measurements
+    against known truth on one side, machine-wide load (interrupt storms) on the other."""
+    return _shared_dir(tmp_path_factory, _lab_worker_id) / "lab-timing.lock"
+
+
+@pytest.fixture
+def lab_quiet(lab_timing_lock: Path) -> Iterator[None]:
+    """Hold the timing lock for one test."""
+    with _locked(lab_timing_lock, "the machine kept quiet for timing"):
+        yield
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]

@@ -200,7 +200,11 @@ def test_missing_podman_is_one_line(tmp_path: Path) -> None:
 
     smoke = str(Path(__file__).resolve().parents[1] / "scenarios" / "smoke.yaml")
     done = subprocess.run(
-        [str(lab_cli), "up", smoke], env=env, capture_output=True, text=True, cwd=tmp_path,
+        [str(lab_cli), "up", smoke],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
         timeout=60,
     )
 

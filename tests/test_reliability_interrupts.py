@@ -274,7 +274,7 @@ def seed() -> Iterator[int]:
 
 
 def test_interrupted_runs_leave_nothing(
-    short_dir: Path, seed: int, record_property: pytest.RecordProperty
+    short_dir: Path, seed: int, record_property: pytest.RecordProperty, lab_quiet: None
 ) -> None:
     scenario = quick_scenario(short_dir, name="interrupted", duration_s=1.0)
     record_property("seed", seed)
