@@ -15,6 +15,15 @@ import time
 from lab.errors import StandinConfigError
 
 
+def require_plain_tcp(props: dict[str, str]) -> None:
+    """Refuse SSL, as WorkBinder's default turns it on when the key is missing."""
+    if props.get("UseSSL", "yes").strip().lower() == "yes":
+        raise StandinConfigError(
+            "UseSSL is on (a missing key means on); the stand-in speaks plain TCP only: "
+            "set `UseSSL = off`"
+        )
+
+
 def read_properties(path: str) -> dict[str, str]:
     """Parse a Java .properties file: `key = value`, `key: value` or `key value` lines.
 

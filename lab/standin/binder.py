@@ -34,7 +34,7 @@ from typing import IO, Any
 from lab.errors import PeerClosed, StandinConfigError, WireError
 from lab.protocol import wire
 from lab.protocol.wire import ConnectionType, JobStatus
-from lab.standin import int_property, read_properties
+from lab.standin import int_property, read_properties, require_plain_tcp
 
 # Logger names are WorkBinder's class names: they are part of the log format the lab parses.
 LOG_BINDER = logging.getLogger("yu.ac.bg.rcub.binder.Binder")
@@ -153,11 +153,7 @@ class BinderConfig:
 
     @classmethod
     def from_properties(cls, props: dict[str, str]) -> BinderConfig:
-        if props.get("UseSSL", "yes").strip().lower() == "yes":
-            raise StandinConfigError(
-                "UseSSL is on (a missing key means on); the stand-in speaks plain TCP only: "
-                "set `UseSSL = off`"
-            )
+        require_plain_tcp(props)
         submission = props.get("JobSubmissionType", "INTERNAL").strip()
         if submission.lower() == "internal":
             raise StandinConfigError(

@@ -25,7 +25,7 @@ from typing import TextIO
 
 from lab.errors import StandinConfigError, WireError
 from lab.protocol import wire
-from lab.standin import int_property, read_properties, sleep_until
+from lab.standin import int_property, read_properties, require_plain_tcp, sleep_until
 
 USAGE = (
     "usage: python3 -m lab.standin.worker <WorkerDispatcher.properties> <fullCE> <routing> "
@@ -50,11 +50,7 @@ class WorkerSettings:
 
     @classmethod
     def from_properties(cls, props: dict[str, str]) -> WorkerSettings:
-        if props.get("UseSSL", "yes").strip().lower() == "yes":
-            raise StandinConfigError(
-                "UseSSL is on (a missing key means on); the stand-in speaks plain TCP only: "
-                "set `UseSSL = off`"
-            )
+        require_plain_tcp(props)
         port = int_property(props, "BinderPort", -1)
         if not 0 < port < 65536:
             raise StandinConfigError("BinderPort is missing or not a port number: set it")
