@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from rich.table import Table
 from lab.binder.tree import binder_home_from, check_tree
 from lab.engines import ENGINES, make_engine
 from lab.engines.base import Engine
-from lab.errors import LabError
+from lab.errors import LabError, Terminated
 from lab.lab import LAB_FILE, Lab, terminate_on_sigterm
 from lab.proc import require_tool
 from lab.protocol.client import query_sync
@@ -50,9 +51,12 @@ class LabGroup(click.Group):
         except LabError as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             sys.exit(1)
+        except Terminated:
+            console.print("[yellow]terminated[/]: the lab was cleaned up", highlight=False)
+            sys.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: the lab was cleaned up", highlight=False)
-            sys.exit(130)
+            sys.exit(128 + signal.SIGINT)
 
 
 @click.group(cls=LabGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -105,3 +105,10 @@ class RemoteCommandFailed(CommandFailed):
 
 class NodeCheckFailed(LabError):
     """A node is not in the state Kubernetes needs (kubelet, API port, swap); fixes named."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound like Ctrl-C so the lab is torn down, but reported as SIGTERM.
+
+    A supervisor (CI, systemd) that sent SIGTERM expects the exit status 143, not Ctrl-C's 130.
+    """

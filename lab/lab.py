@@ -19,7 +19,7 @@ from types import FrameType, TracebackType
 from lab.binder.deploy import BinderDeployment
 from lab.engines import make_engine
 from lab.engines.base import Engine, PodInfo
-from lab.errors import LabError
+from lab.errors import LabError, Terminated
 from lab.proc import last_line
 from lab.protocol.client import query_sync
 from lab.run import new_run_id
@@ -277,6 +277,8 @@ def _signals_deferred() -> Iterator[None]:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+        if signal.SIGTERM in received:
+            raise Terminated
         if received:
             raise KeyboardInterrupt
 
@@ -285,6 +287,6 @@ def terminate_on_sigterm() -> None:
     """Make SIGTERM unwind like Ctrl-C, so context managers tear the lab down."""
 
     def interrupt(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+        raise Terminated
 
     signal.signal(signal.SIGTERM, interrupt)

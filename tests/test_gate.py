@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -15,10 +17,10 @@ from hypothesis import strategies as st
 from lab.cli import main
 from lab.errors import BaselineError, ResultsBroken, RunNotFound
 from lab.report.baseline import (
-    MAD_TO_SIGMA,
     MIN_RUNS,
     Baseline,
     GatePolicy,
+    deviation_upper_limit,
     make_baseline,
 )
 from lab.report.gate import (
@@ -182,20 +184,39 @@ def test_an_invalid_run_is_invalid_never_a_regression(
     assert report.reasons
 
 
+@pytest.mark.parametrize(
+    ("runs", "chi2_low"),
+    # Lower 10 % quantiles of χ² with runs - 1 degrees of freedom, from printed tables.
+    [(5, 1.0636), (6, 1.6103), (10, 4.1682), (20, 11.6509), (50, 38.5823)],
+)
+def test_the_spread_between_runs_is_the_upper_limit_of_their_deviation(
+    runs: int, chi2_low: float
+) -> None:
+    values = [float(i % 3) for i in range(runs)]
+
+    expected = statistics.stdev(values) * math.sqrt((runs - 1) / chi2_low)
+
+    assert deviation_upper_limit(values) == pytest.approx(expected, rel=0.005)
+    assert deviation_upper_limit(values) > statistics.stdev(values)
+    assert deviation_upper_limit([4.2] * runs) == 0.0
+
+
 def test_the_bound_is_the_median_plus_the_largest_of_spread_and_floors() -> None:
     baseline = make_baseline(runs_around({"refill.cold_fill_s": 10.0}, [0, 0.01, -0.01, 0.02, 0]))
     metric = baseline.metrics["refill.cold_fill_s"]
     policy = GatePolicy(spread_factor=3.0, relative_floor=0.10, absolute_floors={"s": 0.05})
 
     assert metric.median == pytest.approx(10.0)
-    assert metric.between_runs == pytest.approx(MAD_TO_SIGMA * 0.1)
+    # Five runs: the upper 90 % limit of σ is s × √(4 / χ²(0.10; 4)), χ² = 1.0636 (tables).
+    upper = statistics.stdev([10.0, 10.1, 9.9, 10.2, 10.0]) * math.sqrt(4 / 1.0636)
+    assert metric.between_runs == pytest.approx(upper, rel=0.005)
     # Each run's three repetitions are ±2 %: a standard error of the median below that.
     assert metric.within_run < metric.between_runs
     assert metric.spread == metric.between_runs
-    # 3 × 0.148 s is below 10 % of 10 s, so the relative floor sets the margin.
+    # 3 × 0.22 s is below 10 % of 10 s, so the relative floor sets the margin.
     assert metric.bound(policy) == pytest.approx(11.0)
     assert metric.bound(policy.model_copy(update={"spread_factor": 10.0})) == pytest.approx(
-        10.0 + 10 * MAD_TO_SIGMA * 0.1
+        10.0 + 10 * upper, rel=0.005
     )
     floored = policy.model_copy(update={"absolute_floors": {"s": 5.0}})
     assert metric.bound(floored) == pytest.approx(15.0)
@@ -376,6 +397,19 @@ def test_the_report_command_writes_and_compares(reports: Path) -> None:
     assert "refill.cold_fill_s" in compared.output
     assert Path("cmp.html").read_text().count('data-plot="') == 4
 
+    assert "compare with care" not in compared.output  # same binder, scenario and engine
+
     missing = runner.invoke(main, ["report", "nope"])
     assert missing.exit_code == 1
     assert "no run 'nope'" in missing.output
+
+
+def test_comparing_the_stand_in_with_the_real_binder_says_so(reports: Path) -> None:
+    sample_results(13, run_id="real", binder="real").write(reports / "real")
+    runner = CliRunner()
+
+    compared = runner.invoke(main, ["report", "--compare", "good", "real"])
+
+    assert compared.exit_code == 0, compared.output
+    assert "compare with care" in compared.output
+    assert "good ran the stand-in, real the real WorkBinder" in compared.output

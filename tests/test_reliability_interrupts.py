@@ -349,3 +349,26 @@ def test_interrupted_runs_leave_nothing(
             # the process exits, when there is nothing left to interrupt.
             ended = (130, 0, -signal.SIGINT) if result.phase == "teardown" else (130,)
             assert result.exit_status in ended, problem
+
+
+def test_sigterm_mid_scenario_tears_down_and_exits_143(short_dir: Path, lab_quiet: None) -> None:
+    """A supervisor's SIGTERM, sent to the lab's process alone as CI runners and `kill` do,
+    tears the lab down like Ctrl-C but exits with SIGTERM's own status."""
+    scenario = quick_scenario(short_dir, name="terminated", duration_s=5.0)
+    child = Child(short_dir / "run", scenario)
+    scenario_mark = {name: mark for mark, name in PHASE_MARKERS}["scenario"]
+    assert child.wait_for_line(scenario_mark, RUN_S) is not None, child.output()[-3000:]
+
+    child.proc.send_signal(signal.SIGTERM)
+    exit_status = child.wait(SIGINT_EXIT_S)
+    if exit_status is None:
+        child.kill()
+    output = child.output()
+
+    assert exit_status == 128 + signal.SIGTERM, output[-3000:]
+    assert "terminated: the lab was cleaned up" in output
+    assert "Traceback" not in output
+    run_ids = run_ids_under(child.runs)
+    assert run_ids, output[-3000:]
+    left = [item for run_id in run_ids for item in run_leftovers(run_id, child.runs / run_id)]
+    assert left == []

@@ -73,6 +73,22 @@ def test_a_comparison_shows_both_runs(run: Results) -> None:
     assert f"Compared with run <strong>{reference.meta.run_id}</strong>" in html
     assert "reference" in html
     assert "+" in html and "%" in html
+    assert 'data-role="cautions"' not in html
+
+
+def test_a_comparison_names_what_differs_besides_the_change() -> None:
+    reference = sample_results(3, binder="real", scenario_hash="aaaa", engine="kind")
+
+    html = render_report(sample_results(4), reference=reference)
+
+    cautions = re.search(r'<ul data-role="cautions">(.*?)</ul>', html, re.S)
+    assert cautions, "no cautions on the page"
+    items = re.findall(r"<li>(.*?)</li>", cautions.group(1))
+    assert items == [
+        "sample-3 ran the real WorkBinder, sample-4 the stand-in",
+        "the two runs ran different scenarios (aaaa against 3f9c2e1a7b44)",
+        "sample-3 ran on kind, sample-4 on embedded",
+    ]
 
 
 def test_run_data_is_escaped() -> None:

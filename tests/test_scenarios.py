@@ -74,9 +74,25 @@ def test_failover_scenario(lab_exclusive: Lab) -> None:
         "Closed" in outcomes["failover.kill_busy.1.client_saw"]
         or "Peer" in outcomes["failover.kill_busy.1.client_saw"]
     )
-    faults = [e.detail for e in observer.timeline() if e.kind == "fault"]
+    timeline = observer.timeline()
+    faults = [e.detail for e in timeline if e.kind == "fault"]
     assert any(f.startswith("killed READY worker") for f in faults)
     assert "killed the binder" in faults
+
+    # The READY worker's replacement: the binder forgets the dead entry, then adds a new
+    # job, and the recovery ends at that addition, not at whenever the lab next looked.
+    kill = next(e for e in timeline if e.detail.startswith("killed READY worker"))
+    removed = next(e for e in timeline if e.kind == "removed" and e.t > kill.t)
+    added = next(e for e in timeline if e.kind == "ready" and e.t > kill.t)
+    assert removed.job == kill.job and removed.t < added.t, (removed, added)
+    recovery = metrics["kill_ready_recovery_s"].values[0]
+    assert abs(recovery - (added.t - kill.t)) < 0.05, (recovery, added.t - kill.t)
+
+    # The old binder's workers, refused by the new one, are gone: only the new pool runs.
+    running = [
+        pod for pod in lab_exclusive.engine.pods({"lab.role": "worker"}) if pod.phase == "Running"
+    ]
+    assert len(running) == lab_exclusive.scenario.binder.pool.min_pool_size, running
 
 
 @pytest.mark.lab

@@ -60,6 +60,15 @@ class Observer:
             for e in self.binder_log.events
         ]
 
+    def first_logged(self, kind: str, after: float) -> float | None:
+        """When the binder first logged an event of `kind` after `after` (both mono)."""
+        self.binder_log.poll()
+        for event in self.binder_log.events:
+            moment = self.mono(event.wall)
+            if event.kind == kind and moment > after:
+                return moment
+        return None
+
     def submissions(self) -> list[dict[str, object]]:
         path = self.run_dir / "logs" / "submissions.jsonl"
         try:

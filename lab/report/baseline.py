@@ -1,10 +1,11 @@
 """A baseline: what normal looks like, as the median and spread of several runs' medians.
 
-The spread reads like a standard deviation of one run's median. It is the larger of two
-estimates: between runs, the median absolute deviation of the runs' medians scaled by
-1.4826 (one odd run cannot inflate it); within runs, the standard error of a median of the
-run's repetitions. Five runs alone can agree by chance and understate the noise; the
-repetitions inside them cannot.
+The spread reads like a standard deviation of one run's median, and errs on the wide side:
+a gate that sits inside the noise fails unchanged code, and then nobody believes it. It is
+the larger of two estimates. Between runs: not the runs' standard deviation itself, which
+five runs that happen to agree understate, but its upper 90 % confidence limit, the largest
+noise that runs agreeing this well are still consistent with; it shrinks as runs are added.
+Within runs: the standard error of a median of the run's repetitions.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import statistics
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from statistics import NormalDist
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
@@ -30,7 +32,8 @@ log = logging.getLogger(__name__)
 BaselineFormat = Literal["workbinder-lab/baseline/1"]
 BASELINE_FORMAT: BaselineFormat = "workbinder-lab/baseline/1"
 MIN_RUNS = 5
-MAD_TO_SIGMA = 1.4826
+# How sure the between-runs spread is not an understatement of the noise.
+SPREAD_CONFIDENCE = 0.90
 # The standard error of a sample median is about 1.2533 σ/√n for normal noise.
 MEDIAN_SE = 1.2533
 
@@ -77,7 +80,7 @@ class BaselineMetric(BaseModel):
     better: Literal["lower", "higher"]
     median: float  # the median of the runs' medians
     spread: float  # the larger of the two below: what the gate scales its margin by
-    between_runs: float = 0.0  # MAD of the runs' medians, scaled to a standard deviation
+    between_runs: float = 0.0  # upper confidence limit of the runs' medians' deviation
     within_run: float = 0.0  # typical standard error of one run's median
     medians: list[float]  # one per run that measured this metric validly
 
@@ -227,7 +230,7 @@ def summarize(name: str, runs: Sequence[Results]) -> BaselineMetric | None:
 
     medians = [metric.median for metric in usable if metric.median is not None]
     centre = statistics.median(medians)
-    between = MAD_TO_SIGMA * statistics.median(abs(value - centre) for value in medians)
+    between = deviation_upper_limit(medians)
     within = statistics.median(median_error(metric) for metric in usable)
     return BaselineMetric(
         unit=usable[0].unit,
@@ -245,3 +248,19 @@ def median_error(metric: Metric) -> float:
     if metric.n < 2 or not metric.stdev:
         return 0.0
     return MEDIAN_SE * metric.stdev / math.sqrt(metric.n)
+
+
+def deviation_upper_limit(values: Sequence[float], confidence: float = SPREAD_CONFIDENCE) -> float:
+    """The upper `confidence` limit of the standard deviation the values were drawn with.
+
+    For n normal samples, (n - 1) s² / σ² follows a χ² law with n - 1 degrees of freedom;
+    its lower quantile, here by the Wilson-Hilferty approximation (within 0.2 % from five
+    runs up), turns the sample's s into the largest σ still consistent with it.
+    """
+    if len(values) < 2:
+        return 0.0
+    freedom = len(values) - 1
+    z = NormalDist().inv_cdf(1 - confidence)
+    term = 2 / (9 * freedom)
+    chi2_low = freedom * (1 - term + z * math.sqrt(term)) ** 3
+    return statistics.stdev(values) * math.sqrt(freedom / chi2_low)

@@ -15,7 +15,7 @@ from lab.errors import LabError
 from lab.report.baseline import Baseline, make_baseline
 from lab.report.gate import EXIT_BAD_INPUT, GateReport, bound_text, fmt, gate_verdict
 from lab.report.html import write_comparison, write_report
-from lab.report.results import Metric, Results
+from lab.report.results import Metric, Results, comparison_cautions
 from lab.report.runs import load_results, newest_run, run_dir
 
 # Off a terminal (a CI log) rich would wrap at 80 columns and cut metric names short.
@@ -74,6 +74,8 @@ def report(
             raise click.UsageError("give either RUN or --compare RUN_A RUN_B, not both")
         first, second = (load_results(run_dir(ref)) for ref in compare)
         out.print(comparison_table(first, second))
+        for caution in comparison_cautions(first, second):
+            out.print(f"[yellow]compare with care:[/] {caution}", soft_wrap=True)
         if html_file:
             write_comparison(html_file, first, second)
         return
@@ -206,11 +208,6 @@ def comparison_table(first: Results, second: Results) -> Table:
     table = Table(
         title=f"{second.meta.run_id} against {first.meta.run_id}",
         title_justify="left",
-        caption=(
-            "different scenarios: compare with care"
-            if first.meta.scenario_hash != second.meta.scenario_hash
-            else None
-        ),
     )
     table.add_column("metric")
     for column in (first.meta.run_id, second.meta.run_id, "change"):

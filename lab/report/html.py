@@ -19,7 +19,7 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
 from lab.report.baseline import Baseline, BaselineMetric
 from lab.report.gate import GateRow, gate_verdict
-from lab.report.results import Metric, Results, ThroughputLevel
+from lab.report.results import Metric, Results, ThroughputLevel, comparison_cautions
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ def render_report(
             gate=gate,
             baseline=baseline,
             reference=reference,
+            cautions=comparison_cautions(reference, results) if reference else [],
             faults=[event for event in results.timeline if event.kind == "fault"],
         )
     )

@@ -142,3 +142,30 @@ class Results(BaseModel):
         if path.is_dir():
             path = path / RESULTS_FILE
         return cls.model_validate(json.loads(path.read_text()))
+
+
+def comparison_cautions(reference: Results, results: Results) -> list[str]:
+    """Why two runs' numbers may differ for reasons other than the change under test.
+
+    A comparison still shows them side by side: an operator comparing the stand-in with the
+    real binder may mean to, but must not be able to miss that this is what they compare.
+    """
+    a, b = reference.meta, results.meta
+    cautions = []
+    if a.binder != b.binder:
+        cautions.append(
+            f"{a.run_id} ran the {binder_name(a.binder)}, {b.run_id} the {binder_name(b.binder)}"
+        )
+    elif a.binder_version != b.binder_version:
+        cautions.append(f"the two runs ran different {binder_name(a.binder)} builds or settings")
+    if a.scenario_hash != b.scenario_hash:
+        cautions.append(
+            f"the two runs ran different scenarios ({a.scenario_hash} against {b.scenario_hash})"
+        )
+    if a.engine != b.engine:
+        cautions.append(f"{a.run_id} ran on {a.engine}, {b.run_id} on {b.engine}")
+    return cautions
+
+
+def binder_name(binder: str) -> str:
+    return "stand-in" if binder == "standin" else "real WorkBinder"

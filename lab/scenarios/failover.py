@@ -25,14 +25,6 @@ def _pod_of(lab: Lab, job: str) -> str:
     return job_pod_name(job, str(lab.engine.hook_target().get("name_prefix", "")))
 
 
-def _new_job_ready_after(observer: Observer, moment: float) -> bool:
-    """Has a job submitted after `moment` become READY (by its worker's log)?"""
-    for phase in observer.job_phases().values():
-        if phase.submitted and phase.submitted > moment and phase.ready and phase.ready > moment:
-            return True
-    return False
-
-
 def run_failover(lab: Lab, observer: Observer, outcomes: dict[str, str]) -> dict[str, Metric]:
     settings = lab.scenario.failover
     metrics: dict[str, list[float]] = {
@@ -93,6 +85,11 @@ def kill_ready(lab: Lab, observer: Observer) -> float | str:
     WorkBinder notices a dead READY worker only when a client is matched to it, and it
     always offers the first READY job of its table. So each second the probe sends as many
     requests at once as the pool holds: every READY entry, the dead one too, meets a client.
+
+    The pool is whole again when the binder adds a new job: it adds none while the dead
+    entry holds its place. That moment comes from the binder's log. Worker logs cannot give
+    it: the probes keep the workers cycling through BUSY, and a worker's log shows READY
+    only between two of its clients.
     """
     ready = observer.ready_times()
     if not ready:
@@ -112,10 +109,17 @@ def kill_ready(lab: Lab, observer: Observer) -> float | str:
             seen[outcome.KIND] = seen.get(outcome.KIND, 0) + 1
             if outcome.KIND not in ("success", "refused"):
                 observer.note(outcome.KIND, "probe after killing a READY worker")
-        if _new_job_ready_after(observer, killed_at):
+        replaced = observer.first_logged("ready", after=killed_at)
+        if replaced is not None:
+            # Confirmed by the binder's own count, with no probe in flight.
             waited = wait_ready(lab, size, max(0.1, deadline - time.monotonic()))
             if waited.reached is not None:
-                return waited.reached - killed_at
+                return replaced - killed_at
+            return (
+                f"a new job joined {replaced - killed_at:.1f} s after the kill, but the pool "
+                f"was not full again in {lab.scenario.deadlines.recovery_s:.0f} s: "
+                f"{waited.last_seen}"
+            )
         time.sleep(1.0)
     summary = ", ".join(f"{n} {kind}" for kind, n in sorted(seen.items()))
     return (
@@ -189,8 +193,14 @@ def restart_binder(
         else f"not full in {lab.scenario.deadlines.recovery_s:.0f} s: {waited.last_seen}"
     )
     alive = {p.name for p in lab.engine.pods({"lab.role": "worker"}) if p.phase == "Running"}
+    orphans = sorted(before & alive)
     outcomes[f"failover.binder_restart.{rep}.old_workers"] = (
-        f"{len(before & alive)} of {len(before)} worker pods from before the kill still running "
+        f"{len(orphans)} of {len(before)} worker pods from before the kill still running "
         f"when the pool was back"
     )
+    # The new binder refuses the old jobs, and their loops keep reconnecting until their runs
+    # are used up: with many runs, for the rest of the suite. That storm is part of this
+    # fault's recovery, measured above, but not of the measurements that follow.
+    for pod in orphans:
+        lab.engine.delete(pod)
     return answer, pool
