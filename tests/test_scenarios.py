@@ -88,11 +88,16 @@ def test_failover_scenario(lab_exclusive: Lab) -> None:
     recovery = metrics["kill_ready_recovery_s"].values[0]
     assert abs(recovery - (added.t - kill.t)) < 0.05, (recovery, added.t - kill.t)
 
+    # Counted before the kill: the pool's running workers, not the exited pods of the
+    # earlier faults.
+    pool = lab_exclusive.scenario.binder.pool.min_pool_size
+    assert f" of {pool} worker pods" in outcomes["failover.binder_restart.1.old_workers"], outcomes
+
     # The old binder's workers, refused by the new one, are gone: only the new pool runs.
     running = [
         pod for pod in lab_exclusive.engine.pods({"lab.role": "worker"}) if pod.phase == "Running"
     ]
-    assert len(running) == lab_exclusive.scenario.binder.pool.min_pool_size, running
+    assert len(running) == pool, running
 
 
 @pytest.mark.lab

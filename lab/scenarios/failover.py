@@ -167,11 +167,16 @@ def kill_busy(lab: Lab, observer: Observer, outcomes: dict[str, str], rep: int) 
     return waited.reached - killed_at
 
 
+def _running_workers(lab: Lab) -> set[str]:
+    return {p.name for p in lab.engine.pods({"lab.role": "worker"}) if p.phase == "Running"}
+
+
 def restart_binder(
     lab: Lab, observer: Observer, outcomes: dict[str, str], rep: int
 ) -> tuple[float | str, float | str]:
     """SIGKILL the binder, start a new one at once: when does it answer, when is it full?"""
-    before = set(lab.binder.worker_pods())
+    # Only running pods: the exited pods of earlier faults would swell the count.
+    before = _running_workers(lab)
     killed_at = time.monotonic()
     lab.binder.kill()
     observer.note("fault", "killed the binder", at=killed_at)
@@ -192,8 +197,7 @@ def restart_binder(
         if waited.reached is not None
         else f"not full in {lab.scenario.deadlines.recovery_s:.0f} s: {waited.last_seen}"
     )
-    alive = {p.name for p in lab.engine.pods({"lab.role": "worker"}) if p.phase == "Running"}
-    orphans = sorted(before & alive)
+    orphans = sorted(before & _running_workers(lab))
     outcomes[f"failover.binder_restart.{rep}.old_workers"] = (
         f"{len(orphans)} of {len(before)} worker pods from before the kill still running "
         f"when the pool was back"
