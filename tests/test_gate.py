@@ -385,6 +385,24 @@ def test_the_gate_command_prints_a_table_and_one_line_errors(reports: Path) -> N
     assert not refused.exception or isinstance(refused.exception, SystemExit)
 
 
+def test_the_baseline_command_says_how_small_a_change_the_gate_sees(reports: Path) -> None:
+    runner = CliRunner()
+    made = runner.invoke(main, ["baseline", *(f"base{i}" for i in range(5)), "-o", "b.json"])
+    assert made.exit_code == 0, made.output
+    assert "gate sees" in made.output
+    assert "vary so much" not in made.output
+
+    # One metric wildly different from run to run: the gate cannot see a 50 % change in it.
+    for i, factor in enumerate([0.4, 1.0, 1.8, 0.7, 2.5]):
+        scale = {"failover.kill_busy_recovery_s": factor}
+        sample_results(i, run_id=f"wild{i}", scale=scale).write(reports / f"wild{i}")
+    wild = runner.invoke(main, ["baseline", *(f"wild{i}" for i in range(5)), "-o", "w.json"])
+    assert wild.exit_code == 0, wild.output
+    said = " ".join(wild.output.split())  # the console wraps long lines
+    assert "1 metric(s) vary so much" in said
+    assert "of their median: failover.kill_busy_recovery_s. More runs" in said
+
+
 def test_the_report_command_writes_and_compares(reports: Path) -> None:
     runner = CliRunner()
 

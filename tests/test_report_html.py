@@ -1,7 +1,8 @@
 """report.html: what it holds, and that a real browser draws it without errors.
 
 The browser tests drive Debian's headless Chromium over the DevTools protocol. Set
-LAB_REPORT_SCREENSHOT to a file path to keep the full-page screenshot for a look.
+LAB_REPORT_SCREENSHOT to a file path to keep the full-page screenshot for a look, and
+LAB_REPORT_RUN to a run folder to check that run's report too.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import pytest
 from lab.report.baseline import make_baseline
 from lab.report.html import REPORT_FILE, render_report, write_report
 from lab.report.results import Results, TimelineEvent
+from lab.report.runs import load_results
 from lab.report.sample import sample_results
 
 PLOTS = {"pool", "refill", "failover", "throughput"}
@@ -329,7 +331,23 @@ def test_chromium_draws_every_plot_without_errors(
     baseline = make_baseline([sample_results(i) for i in range(5)])
     path = write_report(tmp_path / "run", run, baseline=baseline)
 
-    check = check_page(chromium, path)
+    assert_every_plot_drawn(check_page(chromium, path), path)
+
+
+@needs_chromium
+@pytest.mark.skipif(
+    not os.environ.get("LAB_REPORT_RUN"),
+    reason="set LAB_REPORT_RUN to a run folder to check its report in Chromium",
+)
+def test_chromium_draws_a_measured_runs_report(chromium: str, tmp_path: Path) -> None:
+    # A real run's numbers (WorkBinder's, say) stretch the axes in ways samples do not.
+    measured = load_results(Path(os.environ["LAB_REPORT_RUN"]))
+    path = write_report(tmp_path / "run", measured)
+
+    assert_every_plot_drawn(check_page(chromium, path), path)
+
+
+def assert_every_plot_drawn(check: PageCheck, path: Path) -> None:
     if os.environ.get("LAB_REPORT_SCREENSHOT"):
         Path(os.environ["LAB_REPORT_SCREENSHOT"]).write_bytes(check.screenshot)
 

@@ -89,6 +89,12 @@ class BaselineMetric(BaseModel):
         margin = policy.margin(self.median, self.spread, self.unit)
         return self.median + margin if self.better == "lower" else self.median - margin
 
+    def blindness(self, policy: GatePolicy) -> float:
+        """The smallest change the gate can see, as a fraction of the median: its margin."""
+        if not self.median:
+            return math.inf
+        return policy.margin(self.median, self.spread, self.unit) / abs(self.median)
+
 
 class Baseline(BaseModel):
     """The file `lab baseline` writes and `lab gate` reads."""

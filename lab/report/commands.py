@@ -109,17 +109,33 @@ def baseline(runs: tuple[str, ...], output: Path) -> None:
     made.write(output)
 
     table = Table(title=f"baseline of {len(results)} runs", title_justify="left")
-    for column in ("metric", "median", "spread", "runs"):
+    for column in ("metric", "median", "spread", "runs", "gate sees"):
         table.add_column(column, justify="left" if column == "metric" else "right")
+    blind = []
     for name, metric in made.metrics.items():
+        gated = made.policy.gated(name)
+        sees = metric.blindness(made.policy)
+        if gated and sees >= BLIND:
+            blind.append(name)
         table.add_row(
             name,
             fmt(metric.median, metric.unit),
             fmt(metric.spread, metric.unit),
             str(len(metric.medians)),
+            f"> {sees:.0%}" if gated else "not gated",
         )
     out.print(table)
     out.print(f"wrote {output}")
+    if blind:
+        # Said once here, where more runs can still help, rather than at every gate.
+        out.print(
+            f"[yellow]{len(blind)} metric(s) vary so much between these runs that the gate "
+            f"sees only changes over {BLIND:.0%} of their median: {', '.join(blind)}. "
+            "More runs, or a quieter machine, make a tighter baseline.[/yellow]"
+        )
+
+
+BLIND = 0.5  # at this margin a time may grow by half, or a rate halve, and still pass
 
 
 class GateUsageError(click.UsageError):
