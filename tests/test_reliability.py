@@ -363,7 +363,8 @@ def test_failing_submit_hook_is_named_with_its_error(short_dir: Path) -> None:
         .replace("pool_full_s: 60", "pool_full_s: 120")
     )
 
-    result = lab_cli("up", str(scenario), "--run-dir", str(runs), cwd=short_dir)
+    # The command above starts the stand-in: this lab runs it even when WorkBinder is given.
+    result = lab_cli("up", str(scenario), "--run-dir", str(runs), cwd=short_dir, LAB_BINDER_HOME="")
 
     error = assert_failed_cleanly(result, runs, r"the submit hook failed for all \d+ jobs", 60)
     assert "its last record says: FileNotFoundError" in error
