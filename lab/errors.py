@@ -53,6 +53,10 @@ class BaselineError(LabError):
     """A baseline cannot be made from the given runs, or a baseline file is not one."""
 
 
+class OutputUnwritable(LabError):
+    """A file the user asked for (a baseline, a page, a verdict) cannot be written there."""
+
+
 class PreflightFailed(LabError):
     """The machine lacks something an engine needs; each problem names its fix."""
 

@@ -8,6 +8,7 @@ import os
 import statistics
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -23,6 +24,7 @@ from lab.report.baseline import (
     deviation_upper_limit,
     make_baseline,
 )
+from lab.report.commands import gate_table
 from lab.report.gate import (
     EXIT_BAD_INPUT,
     EXIT_INVALID,
@@ -383,6 +385,100 @@ def test_the_gate_command_prints_a_table_and_one_line_errors(reports: Path) -> N
     assert "at least 5 runs" in refused.output
     assert "Traceback" not in refused.output
     assert not refused.exception or isinstance(refused.exception, SystemExit)
+
+
+def one_error_line(result: Any) -> str:
+    """The single `error:` line a bad input gives, with no traceback."""
+    assert "Traceback" not in result.output
+    assert not result.exception or isinstance(result.exception, SystemExit), result.exception
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    return " ".join(result.output[result.output.index("error:") :].split())
+
+
+def test_numbers_that_are_not_finite_are_bad_input_not_a_pass(reports: Path) -> None:
+    runner = CliRunner()
+    runner.invoke(main, ["baseline", *(f"base{i}" for i in range(5)), "-o", "b.json"])
+    for bad in ("NaN", "Infinity"):
+        text = (reports / "good" / "results.json").read_text()
+        broken = json.loads(text)
+        broken["refill"]["cold_fill_s"]["median"] = 0.0
+        spoilt = json.dumps(broken).replace('"median": 0.0', f'"median": {bad}', 1)
+        (reports / "spoilt").mkdir(exist_ok=True)
+        (reports / "spoilt" / "results.json").write_text(spoilt)
+
+        judged = runner.invoke(main, ["gate", "--baseline", "b.json", "spoilt"])
+        assert judged.exit_code == EXIT_BAD_INPUT, judged.output
+        assert "is not a results file" in one_error_line(judged)
+
+        made = runner.invoke(main, ["baseline", *(f"base{i}" for i in range(4)), "spoilt"])
+        assert made.exit_code == 1
+        assert "is not a results file" in one_error_line(made)
+
+
+def test_files_that_are_not_text_are_bad_input(reports: Path) -> None:
+    runner = CliRunner()
+    runner.invoke(main, ["baseline", *(f"base{i}" for i in range(5)), "-o", "b.json"])
+    Path("latin.json").write_bytes(b'{"format": "caf\xe9"}')
+    (reports / "binary").mkdir()
+    (reports / "binary" / "results.json").write_bytes(bytes(range(256)))
+
+    not_a_baseline = runner.invoke(main, ["gate", "--baseline", "latin.json", "good"])
+    assert not_a_baseline.exit_code == EXIT_BAD_INPUT
+    assert "not UTF-8 text" in one_error_line(not_a_baseline)
+    not_a_run = runner.invoke(main, ["gate", "--baseline", "b.json", "binary"])
+    assert not_a_run.exit_code == EXIT_BAD_INPUT
+    assert "not UTF-8 text" in one_error_line(not_a_run)
+
+
+def test_an_output_path_that_cannot_be_written_is_one_line(reports: Path) -> None:
+    runner = CliRunner()
+    Path("a-file").write_text("in the way\n")
+    made = runner.invoke(main, ["baseline", *(f"base{i}" for i in range(5)), "-o", "a-file/b.json"])
+    assert made.exit_code == 1
+    assert "cannot write the baseline to a-file/b.json" in one_error_line(made)
+
+    runner.invoke(main, ["baseline", *(f"base{i}" for i in range(5)), "-o", "b.json"])
+    judged = runner.invoke(main, ["gate", "--baseline", "b.json", "good", "--json", "a-file/v"])
+    assert judged.exit_code == EXIT_BAD_INPUT
+    assert "cannot write the verdict to a-file/v" in one_error_line(judged)
+    page = runner.invoke(main, ["report", "--compare", "good", "slow", "--html", "a-file/c.html"])
+    assert page.exit_code == 1
+    assert "cannot write the page to a-file/c.html" in one_error_line(page)
+    assert sorted(p.name for p in Path().iterdir()) == ["a-file", "b.json", "reports"]
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"spread_factr": 2.0}, "policy.spread_factr: Extra inputs are not permitted"),
+        ({"spread_factor": -1.0}, "policy.spread_factor: Input should be greater than or equal"),
+        ({"absolute_floors": {"s": -0.1}}, "policy.absolute_floors.s: Input should be greater"),
+    ],
+)
+def test_a_hand_edited_policy_is_checked(
+    reports: Path, change: dict[str, object], problem: str
+) -> None:
+    runner = CliRunner()
+    runner.invoke(main, ["baseline", *(f"base{i}" for i in range(5)), "-o", "b.json"])
+    edited = json.loads(Path("b.json").read_text())
+    edited["policy"].update(change)
+    Path("b.json").write_text(json.dumps(edited))
+
+    judged = runner.invoke(main, ["gate", "--baseline", "b.json", "good"])
+
+    assert judged.exit_code == EXIT_BAD_INPUT
+    assert problem in one_error_line(judged)
+
+
+def test_an_invalid_runs_table_says_its_verdicts_are_hypothetical() -> None:
+    baseline = make_baseline([sample_results(i) for i in range(5)])
+    valid = gate_verdict(sample_results(10), baseline)
+    invalid = gate_verdict(sample_results(12, saturated=True), baseline)
+
+    assert invalid.status == "invalid"
+    assert gate_table(valid).columns[-1].header == "verdict"
+    assert gate_table(invalid).columns[-1].header == "verdict if valid"
 
 
 def test_the_baseline_command_says_how_small_a_change_the_gate_sees(reports: Path) -> None:

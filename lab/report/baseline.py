@@ -21,9 +21,10 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, ValidationError
 
 from lab.errors import BaselineError
+from lab.report.output import write_whole
 from lab.report.results import Metric, Results
 from lab.report.runs import first_problem
 
@@ -55,9 +56,14 @@ ABSOLUTE_FLOORS: dict[str, float] = {
 class GatePolicy(BaseModel):
     """How far from the baseline a run may be before the gate calls it a regression."""
 
-    spread_factor: float = 3.5
-    relative_floor: float = 0.10
-    absolute_floors: dict[str, float] = Field(default_factory=lambda: dict(ABSOLUTE_FLOORS))
+    # Teams edit this part of the file by hand: a misspelt key must not pass unnoticed.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    spread_factor: NonNegativeFloat = 3.5
+    relative_floor: NonNegativeFloat = 0.10
+    absolute_floors: dict[str, NonNegativeFloat] = Field(
+        default_factory=lambda: dict(ABSOLUTE_FLOORS)
+    )
     # Metrics shown beside the gate but not judged (shell-style patterns). Latency
     # percentiles of one load level swing several-fold between identical runs on a shared
     # machine; the request rates at the same levels are gated instead.
@@ -76,6 +82,8 @@ class GatePolicy(BaseModel):
 
 
 class BaselineMetric(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
     unit: str
     better: Literal["lower", "higher"]
     median: float  # the median of the runs' medians
@@ -111,11 +119,7 @@ class Baseline(BaseModel):
     metrics: dict[str, BaselineMetric]
 
     def write(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return write_whole(path, self.model_dump_json(indent=2) + "\n", "the baseline")
 
     @classmethod
     def read(cls, path: Path) -> Baseline:
@@ -125,6 +129,11 @@ class Baseline(BaseModel):
             raise BaselineError(
                 f"cannot read baseline {path} ({exc.strerror}): "
                 "make one with `lab baseline RUN...` or fix the path"
+            ) from exc
+        except UnicodeDecodeError as exc:
+            raise BaselineError(
+                f"{path} is not a baseline file (not UTF-8 text at byte {exc.start}): "
+                "give the file `lab baseline` wrote"
             ) from exc
 
         try:

@@ -15,6 +15,7 @@ from lab.errors import LabError
 from lab.report.baseline import Baseline, make_baseline
 from lab.report.gate import EXIT_BAD_INPUT, GateReport, bound_text, fmt, gate_verdict
 from lab.report.html import write_comparison, write_report
+from lab.report.output import write_whole
 from lab.report.results import Metric, Results, comparison_cautions
 from lab.report.runs import load_results, newest_run, run_dir
 
@@ -184,6 +185,8 @@ def gate(ctx: click.Context, run: str | None, baseline_file: Path, json_file: Pa
     try:
         results = load_results(pick_run(run))
         judged = gate_verdict(results, Baseline.read(baseline_file))
+        if json_file:
+            write_whole(json_file, judged.model_dump_json(indent=2) + "\n", "the verdict")
     except LabError as exc:
         # Not the group's exit 1: that would read as a regression to whoever runs the gate.
         err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
@@ -193,16 +196,15 @@ def gate(ctx: click.Context, run: str | None, baseline_file: Path, json_file: Pa
     out.print(judged.headline(), style=STATUS_STYLE[judged.status])
     for reason in judged.reasons[1:]:
         out.print(f"  also: {reason}")
-    if json_file:
-        json_file.parent.mkdir(parents=True, exist_ok=True)
-        json_file.write_text(judged.model_dump_json(indent=2) + "\n", encoding="utf-8")
     ctx.exit(judged.exit_code)
 
 
 def gate_table(judged: GateReport) -> Table:
     table = Table(title=f"gate: run {judged.run_id}", title_justify="left")
     table.add_column("metric")
-    for column in ("baseline", "now", "bound", "verdict"):
+    # An invalid run is not judged; its rows still show where each metric fell, as the page does.
+    verdict_column = "verdict if valid" if judged.status == "invalid" else "verdict"
+    for column in ("baseline", "now", "bound", verdict_column):
         table.add_column(column, justify="right")
 
     for row in judged.rows:

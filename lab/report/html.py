@@ -19,6 +19,7 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
 from lab.report.baseline import Baseline, BaselineMetric
 from lab.report.gate import GateRow, gate_verdict
+from lab.report.output import write_whole
 from lab.report.results import Metric, Results, ThroughputLevel, comparison_cautions
 
 log = logging.getLogger(__name__)
@@ -135,10 +136,7 @@ def write_comparison(path: Path, reference: Results, results: Results) -> Path:
 
 
 def write_page(path: Path, html: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)
+    write_whole(path, html, "the page")
 
 
 def environment() -> jinja2.Environment:
@@ -359,7 +357,7 @@ def throughput_plot(results: Results, reference: Results | None) -> Plot | None:
         concurrency_axis(ax, [level.concurrency for level in levels])
     svg = to_svg(fig, f"{results.meta.run_id}-throughput")
 
-    caption = f"Closed-loop load, {levels[0].duration_s:g} s per concurrency level."
+    caption = f"Closed-loop load, {levels[0].duration_s:.1f} s per concurrency level."
     return Plot("throughput", "Throughput against concurrency", caption, svg)
 
 

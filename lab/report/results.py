@@ -7,13 +7,20 @@ import statistics
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 RESULTS_FILE = "results.json"
 
 
+# A NaN or infinity in a results file compares false with every bound, so it would pass the
+# gate; the lab never writes one, so a file holding one is broken.
+FINITE = ConfigDict(allow_inf_nan=False)
+
+
 class Metric(BaseModel):
     """One measured quantity over n repetitions."""
+
+    model_config = FINITE
 
     unit: str
     better: Literal["lower", "higher"] = "lower"
@@ -67,6 +74,8 @@ def percentile(ordered: list[float], pct: float) -> float:
 
 class ThroughputLevel(BaseModel):
     """Closed-loop load at one concurrency for a set duration."""
+
+    model_config = FINITE
 
     concurrency: int
     duration_s: float

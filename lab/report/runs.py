@@ -50,6 +50,11 @@ def load_results(folder: Path) -> Results:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RunNotFound(f"cannot read {path} ({exc.strerror}): check the run folder") from exc
+    except UnicodeDecodeError as exc:
+        raise ResultsBroken(
+            f"{path} is not a results file (not UTF-8 text at byte {exc.start}): "
+            "run the scenario again or restore the file"
+        ) from exc
 
     try:
         return Results.model_validate_json(text)

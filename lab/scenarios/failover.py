@@ -91,9 +91,12 @@ def kill_ready(lab: Lab, observer: Observer) -> float | str:
     it: the probes keep the workers cycling through BUSY, and a worker's log shows READY
     only between two of its clients.
     """
-    ready = observer.ready_times()
+    # Worker logs outlive their pods: a worker of the previous binder, removed after its
+    # restart, may hold the newest READY line. Only a running pod can be killed.
+    running = _running_workers(lab)
+    ready = {j: t for j, t in observer.ready_times().items() if _pod_of(lab, j) in running}
     if not ready:
-        return "no READY worker to kill"
+        return "no running READY worker to kill"
     job = max(ready, key=lambda j: ready[j])
     killed_at = time.monotonic()
     try:

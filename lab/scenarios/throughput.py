@@ -46,12 +46,13 @@ def run_throughput(
         levels.append(level)
     valid = [lv for lv in levels if not lv.saturated]
     best = max(valid, key=lambda lv: lv.rate, default=None)
+    if best is None:
+        peak_note = "every level saturated"
+    else:
+        peak_note = f"at {best.concurrency} client{'' if best.concurrency == 1 else 's'}"
     metrics = {
         "peak_rate_per_s": Metric.of(
-            [best.rate] if best else [],
-            "1/s",
-            better="higher",
-            note=f"at {best.concurrency} clients" if best else "every level saturated",
+            [best.rate] if best else [], "1/s", better="higher", note=peak_note
         ),
     }
     # One metric per level and quantity: a gate compares like with like.
