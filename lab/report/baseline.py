@@ -97,7 +97,7 @@ class BaselineMetric(BaseModel):
         margin = policy.margin(self.median, self.spread, self.unit)
         return self.median + margin if self.better == "lower" else self.median - margin
 
-    def blindness(self, policy: GatePolicy) -> float:
+    def smallest_visible_change(self, policy: GatePolicy) -> float:
         """The smallest change the gate can see, as a fraction of the median: its margin."""
         if not self.median:
             return math.inf

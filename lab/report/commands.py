@@ -33,6 +33,8 @@ VERDICT_STYLE = {
     "missing": "yellow",
     "not gated": "dim",
 }
+# At this margin a time may grow by half, or a rate halve, and still pass the gate.
+BLIND = 0.5
 STATUS_STYLE = {"pass": "bold green", "regression": "bold red", "invalid": "bold yellow"}
 
 
@@ -115,7 +117,7 @@ def baseline(runs: tuple[str, ...], output: Path) -> None:
     blind = []
     for name, metric in made.metrics.items():
         gated = made.policy.gated(name)
-        sees = metric.blindness(made.policy)
+        sees = metric.smallest_visible_change(made.policy)
         if gated and sees >= BLIND:
             blind.append(name)
         table.add_row(
@@ -134,9 +136,6 @@ def baseline(runs: tuple[str, ...], output: Path) -> None:
             f"sees only changes over {BLIND:.0%} of their median: {', '.join(blind)}. "
             "More runs, or a quieter machine, make a tighter baseline.[/yellow]"
         )
-
-
-BLIND = 0.5  # at this margin a time may grow by half, or a rate halve, and still pass
 
 
 class GateUsageError(click.UsageError):
