@@ -110,7 +110,7 @@ class RunMeta(BaseModel):
     engine_version: str = ""
     machine: dict[str, str | int | float] = Field(default_factory=dict)
     binder: Literal["real", "standin"]
-    binder_version: str = ""  # a hash of the WorkBinder tree, or the stand-in's settings
+    binder_version: str = ""  # the worker image's content hash: the binder inside
     scenario_file: str
     scenario_hash: str
     lab_version: str = ""
