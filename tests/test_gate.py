@@ -351,9 +351,14 @@ def reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "reports"
 
 
+def write_baseline(runner: CliRunner) -> Any:
+    """`lab baseline` over the five sample runs of the `reports` fixture, into b.json."""
+    return runner.invoke(main, ["baseline", *(f"base{i}" for i in range(5)), "-o", "b.json"])
+
+
 def test_the_gate_command_exit_codes(reports: Path) -> None:
     runner = CliRunner()
-    made = runner.invoke(main, ["baseline", *(f"base{i}" for i in range(5)), "-o", "b.json"])
+    made = write_baseline(runner)
     assert made.exit_code == 0, made.output
 
     def gate(*args: str) -> int:
@@ -373,7 +378,7 @@ def test_the_gate_command_exit_codes(reports: Path) -> None:
 
 def test_the_gate_command_prints_a_table_and_one_line_errors(reports: Path) -> None:
     runner = CliRunner()
-    runner.invoke(main, ["baseline", *(f"base{i}" for i in range(5)), "-o", "b.json"])
+    write_baseline(runner)
 
     judged = runner.invoke(main, ["gate", "--baseline", "b.json", "slow"])
     assert "refill.cold_fill_s" in judged.output
@@ -398,14 +403,12 @@ def one_error_line(result: Any) -> str:
 
 def test_numbers_that_are_not_finite_are_bad_input_not_a_pass(reports: Path) -> None:
     runner = CliRunner()
-    runner.invoke(main, ["baseline", *(f"base{i}" for i in range(5)), "-o", "b.json"])
-    for bad in ("NaN", "Infinity"):
-        text = (reports / "good" / "results.json").read_text()
-        broken = json.loads(text)
-        broken["refill"]["cold_fill_s"]["median"] = 0.0
-        spoilt = json.dumps(broken).replace('"median": 0.0', f'"median": {bad}', 1)
+    write_baseline(runner)
+    for bad in (math.nan, math.inf):  # json writes them as NaN and Infinity
+        broken = json.loads((reports / "good" / "results.json").read_text())
+        broken["refill"]["cold_fill_s"]["median"] = bad
         (reports / "spoilt").mkdir(exist_ok=True)
-        (reports / "spoilt" / "results.json").write_text(spoilt)
+        (reports / "spoilt" / "results.json").write_text(json.dumps(broken))
 
         judged = runner.invoke(main, ["gate", "--baseline", "b.json", "spoilt"])
         assert judged.exit_code == EXIT_BAD_INPUT, judged.output
@@ -418,7 +421,7 @@ def test_numbers_that_are_not_finite_are_bad_input_not_a_pass(reports: Path) -> 
 
 def test_files_that_are_not_text_are_bad_input(reports: Path) -> None:
     runner = CliRunner()
-    runner.invoke(main, ["baseline", *(f"base{i}" for i in range(5)), "-o", "b.json"])
+    write_baseline(runner)
     Path("latin.json").write_bytes(b'{"format": "caf\xe9"}')
     (reports / "binary").mkdir()
     (reports / "binary" / "results.json").write_bytes(bytes(range(256)))
@@ -438,7 +441,7 @@ def test_an_output_path_that_cannot_be_written_is_one_line(reports: Path) -> Non
     assert made.exit_code == 1
     assert "cannot write the baseline to a-file/b.json" in one_error_line(made)
 
-    runner.invoke(main, ["baseline", *(f"base{i}" for i in range(5)), "-o", "b.json"])
+    write_baseline(runner)
     judged = runner.invoke(main, ["gate", "--baseline", "b.json", "good", "--json", "a-file/v"])
     assert judged.exit_code == EXIT_BAD_INPUT
     assert "cannot write the verdict to a-file/v" in one_error_line(judged)
@@ -460,7 +463,7 @@ def test_a_hand_edited_policy_is_checked(
     reports: Path, change: dict[str, object], problem: str
 ) -> None:
     runner = CliRunner()
-    runner.invoke(main, ["baseline", *(f"base{i}" for i in range(5)), "-o", "b.json"])
+    write_baseline(runner)
     edited = json.loads(Path("b.json").read_text())
     edited["policy"].update(change)
     Path("b.json").write_text(json.dumps(edited))
@@ -483,7 +486,7 @@ def test_an_invalid_runs_table_says_its_verdicts_are_hypothetical() -> None:
 
 def test_the_baseline_command_says_how_small_a_change_the_gate_sees(reports: Path) -> None:
     runner = CliRunner()
-    made = runner.invoke(main, ["baseline", *(f"base{i}" for i in range(5)), "-o", "b.json"])
+    made = write_baseline(runner)
     assert made.exit_code == 0, made.output
     assert "gate sees" in made.output
     assert "vary so much" not in made.output

@@ -398,3 +398,7 @@ class BinderDeployment:
 
     def worker_pods(self) -> list[str]:
         return [pod.name for pod in self.engine.pods({"lab.role": "worker"})]
+
+    def running_worker_pods(self) -> set[str]:
+        """Worker pods still running: killed and exited ones stay listed until removed."""
+        return {p.name for p in self.engine.pods({"lab.role": "worker"}) if p.phase == "Running"}

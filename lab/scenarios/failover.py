@@ -93,7 +93,7 @@ def kill_ready(lab: Lab, observer: Observer) -> float | str:
     """
     # Worker logs outlive their pods: a worker of the previous binder, removed after its
     # restart, may hold the newest READY line. Only a running pod can be killed.
-    running = _running_workers(lab)
+    running = lab.binder.running_worker_pods()
     ready = {j: t for j, t in observer.ready_times().items() if _pod_of(lab, j) in running}
     if not ready:
         return "no running READY worker to kill"
@@ -170,16 +170,12 @@ def kill_busy(lab: Lab, observer: Observer, outcomes: dict[str, str], rep: int) 
     return waited.reached - killed_at
 
 
-def _running_workers(lab: Lab) -> set[str]:
-    return {p.name for p in lab.engine.pods({"lab.role": "worker"}) if p.phase == "Running"}
-
-
 def restart_binder(
     lab: Lab, observer: Observer, outcomes: dict[str, str], rep: int
 ) -> tuple[float | str, float | str]:
     """SIGKILL the binder, start a new one at once: when does it answer, when is it full?"""
     # Only running pods: the exited pods of earlier faults would swell the count.
-    before = _running_workers(lab)
+    before = lab.binder.running_worker_pods()
     killed_at = time.monotonic()
     lab.binder.kill()
     observer.note("fault", "killed the binder", at=killed_at)
@@ -200,7 +196,7 @@ def restart_binder(
         if waited.reached is not None
         else f"not full in {lab.scenario.deadlines.recovery_s:.0f} s: {waited.last_seen}"
     )
-    orphans = sorted(before & _running_workers(lab))
+    orphans = sorted(before & lab.binder.running_worker_pods())
     outcomes[f"failover.binder_restart.{rep}.old_workers"] = (
         f"{len(orphans)} of {len(before)} worker pods from before the kill still running "
         f"when the pool was back"
